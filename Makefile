@@ -1,0 +1,41 @@
+# One entry point per job. `make install` builds .venv: torch first (the CPU wheel,
+# pinned so pip never pulls a CUDA build), then this project with the extras the
+# tests need.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= env,dev
+PIP := $(BIN)/python -m pip
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install test lint format bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python benchmarks/env_throughput.py
+
+demo: install
+	$(BIN)/sage-opd demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

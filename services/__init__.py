@@ -1,0 +1,1 @@
+"""Services of SAGE-OPD: the environment service and the teacher service."""

@@ -1,0 +1,195 @@
+"""HTTP plumbing shared by both services: error bodies, body limits, serving.
+
+Every error leaves a service as ``ErrorBody`` JSON ({code, message, detail}),
+whether a route raised it, FastAPI's validation refused the body, or the body
+was too large to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from client.protocol import ErrorBody
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error a route means to answer with: status, code, message, detail, headers."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(code=code, message=message, detail=detail)
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(code=code, message=message, detail=detail)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error, ours or the framework's, with an ErrorBody."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(
+            exc.body.model_dump(mode="json"), status_code=exc.status, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return error_response(422, "invalid_request", "The request body is not valid.", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "The service failed on this request.")
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, before a route reads them.
+
+    Checks the declared Content-Length first and then counts the bytes actually
+    received, so a chunked body cannot slip past the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI re-raises HTTPException from body parsing; the handler
+                    # above turns it into the same 413 ErrorBody.
+                    raise StarletteHTTPException(413, self._message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    @property
+    def _message(self) -> str:
+        return f"The request body exceeds {self.max_bytes} bytes."
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, "payload_too_large", self._message, {"max_bytes": self.max_bytes}
+        )
+        await response(scope, receive, send)
+
+
+class LatencyMiddleware:
+    """Observe each request's latency in a histogram labelled by its route template."""
+
+    def __init__(self, app: ASGIApp, histogram: Any) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # The router writes the matched route into the shared scope.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.histogram.labels(route).observe(time.perf_counter() - start)
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Run ``app`` under uvicorn until interrupted."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+@contextmanager
+def running_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0
+) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn in a background thread (port 0: a free one).
+
+    Yields the base URL; stops the server (running its lifespan shutdown) on exit.
+    Used by tests, benchmarks and in-process tools.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

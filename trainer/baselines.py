@@ -1,0 +1,83 @@
+"""Reference policies played through the env service: the expert and a random admissible one.
+
+They bound what a learned agent can do (the expert's success is the ceiling, the
+random policy's the floor) and check a deployed env service end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from client.env import EnvClient
+from client.protocol import Split
+
+Policy = Literal["expert", "random"]
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    task_id: int
+    task_type: str
+    won: bool
+    turns: int
+
+
+async def play_episode(
+    client: EnvClient,
+    policy: Policy,
+    split: Split,
+    task_id: int,
+    env: str = "household",
+    seed: int = 0,
+) -> EpisodeSummary:
+    """Play one task to the end with ``policy``; the session is closed afterwards."""
+    created = await client.create_session(env=env, split=split, task_id=task_id, seed=seed)
+    rng = random.Random(seed * 1_000_003 + task_id)
+    result = created.first
+    try:
+        while not result.done:
+            if policy == "expert":
+                action = await client.expert_action(created.session_id)
+                if action is None:  # already won at reset
+                    break
+            else:
+                action = rng.choice(result.admissible_actions)
+            result = await client.step(created.session_id, action)
+    finally:
+        await client.close_session(created.session_id)
+    return EpisodeSummary(task_id, created.task.task_type, result.won, result.turn)
+
+
+async def play_split(
+    client: EnvClient,
+    policy: Policy,
+    split: Split,
+    task_ids: list[int],
+    env: str = "household",
+    concurrency: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[EpisodeSummary]:
+    """Play every task in ``task_ids``, ``concurrency`` episodes at a time."""
+    limit = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(task_ids), desc=f"{policy} on {split}", disable=not progress, leave=False)
+
+    async def one(task_id: int) -> EpisodeSummary:
+        async with limit:
+            summary = await play_episode(client, policy, split, task_id, env, seed)
+        bar.update()
+        return summary
+
+    try:
+        return list(await asyncio.gather(*(one(t) for t in task_ids)))
+    finally:
+        bar.close()
+
+
+def success_rate(episodes: list[EpisodeSummary]) -> float:
+    return sum(e.won for e in episodes) / max(1, len(episodes))

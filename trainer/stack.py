@@ -1,0 +1,80 @@
+"""Start SAGE-OPD's services as local processes on loopback, wait until ready, stop them.
+
+`sage-opd up` and `make demo` use this to bring the stack up without Docker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    name: str
+    url: str
+    process: subprocess.Popen
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Poll ``url``/readyz until it answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service at {url} exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the service at {url} was not ready after {timeout_s:.0f}s")
+
+
+@contextmanager
+def local_service(
+    name: str,
+    module: str,
+    args: list[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120.0,
+) -> Iterator[ServiceProcess]:
+    """Run ``python -m module --host H --port P ...`` until the block exits."""
+    port = port or free_port(host)
+    command = [sys.executable, "-m", module, "--host", host, "--port", str(port), *(args or [])]
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})})
+    url = f"http://{host}:{port}"
+    try:
+        wait_ready(url, process, ready_timeout_s)
+        yield ServiceProcess(name, url, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def local_stack(env_port: int | None = None) -> Iterator[dict[str, ServiceProcess]]:
+    """The services a local run needs, by name."""
+    with ExitStack() as stack:
+        services = {"env": stack.enter_context(local_service("env", "services.env", port=env_port))}
+        yield services
