@@ -76,5 +76,7 @@ def local_service(
 def local_stack(env_port: int | None = None) -> Iterator[dict[str, ServiceProcess]]:
     """The services a local run needs, by name."""
     with ExitStack() as stack:
-        services = {"env": stack.enter_context(local_service("env", "services.env", port=env_port))}
+        quiet = {"SAGE_ENV_LOG_LEVEL": "warning"}
+        env = stack.enter_context(local_service("env", "services.env", port=env_port, env=quiet))
+        services = {"env": env}
         yield services
