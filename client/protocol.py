@@ -245,7 +245,9 @@ class SpanScores(_Model):
 
     logprobs: list[float]  # log pi_T(given token | prefix)
     top1_probs: list[float]  # max_v pi_T(v | prefix)
-    topk_ids: list[list[int]] | None = None  # sorted by probability, descending
+    # Per token, the top-k ids by probability (descending), then the given token's
+    # own entry when it is not among them (as vLLM's logprobs do).
+    topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
 
 
@@ -259,24 +261,27 @@ class ScoreResponse(_Model):
     tokens_forwarded: int
 
 
-class ChatMessage(_Model):
-    role: Literal["system", "user", "assistant"]
-    content: str
+class EpisodeTurn(_Model):
+    """One turn as the student lived it: what it saw, the ids it sampled, what came back."""
 
-
-class JudgeContext(_Model):
-    """Everything the judge sees about one turn (rendered by client/prompts.py)."""
-
-    task: str
-    history: list[ChatMessage] = Field(default_factory=list)
     observation: str
     admissible_actions: list[str] = Field(default_factory=list)
-    response: str
-    feedback: str
+    response_ids: list[int] = Field(..., min_length=1)
+    feedback: str = ""
+
+
+class EpisodeSpec(_Model):
+    """A conversation by its parts; the teacher renders it with its own chat template
+    (client/prompts.py) and splices in the student's response ids unchanged."""
+
+    task: str
+    turns: list[EpisodeTurn] = Field(..., min_length=1, max_length=1_000)
 
 
 class JudgeRequest(_Model):
-    items: list[JudgeContext] = Field(..., min_length=1, max_length=MAX_SEQUENCES_PER_REQUEST)
+    """Judge the last turn of each episode (its response, given its feedback)."""
+
+    episodes: list[EpisodeSpec] = Field(..., min_length=1, max_length=MAX_SEQUENCES_PER_REQUEST)
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -291,20 +296,9 @@ class JudgeResponse(_Model):
     tokens_forwarded: int
 
 
-class EpisodeTurn(_Model):
-    """One turn as the student lived it: what it saw, the ids it sampled, what came back."""
-
-    observation: str
-    admissible_actions: list[str] = Field(default_factory=list)
-    response_ids: list[int] = Field(..., min_length=1)
-    feedback: str = ""
-
-
-class EpisodeRequest(_Model):
+class EpisodeRequest(EpisodeSpec):
     """The fused call: score every response token and judge every turn of one episode."""
 
-    task: str
-    turns: list[EpisodeTurn] = Field(..., min_length=1, max_length=1_000)
     judge: bool = True
     top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     deadline_s: float | None = Field(None, gt=0, le=3_600)

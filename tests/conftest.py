@@ -20,3 +20,45 @@ def serve() -> Iterator[Callable[..., str]]:
             return stack.enter_context(server)
 
         yield start
+
+
+# --------------------------------------------------------------------------- models
+
+JUDGE_LINES = [f"Verdict: {label}" for label in ("Skip", "Weak", "Strong")]
+
+
+def tiny_corpus() -> list[str]:
+    """Text like the household world's and the judge's, for a small fitted tokenizer."""
+    from client.prompts import JUDGE_INSTRUCTIONS, SYSTEM_PROMPT
+    from services.env.household import HouseholdEnvironment
+
+    family = HouseholdEnvironment()
+    texts = [SYSTEM_PROMPT, JUDGE_INSTRUCTIONS] * 5 + JUDGE_LINES * 40
+    for task_id in range(60):
+        episode = family.make("train", task_id)
+        outcome = episode.reset()
+        texts.append(outcome.observation)
+        texts.extend(outcome.admissible_actions)
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A saved tiny random Llama with a tokenizer fitted to household text (session-wide)."""
+    from trainer.models import LlamaSize, build_llama, fit_tokenizer, save_model
+
+    tokenizer = fit_tokenizer(tiny_corpus(), vocab_size=1200)
+    model = build_llama(tokenizer, LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2), seed=0)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_b(tiny_model_dir):  # noqa: ANN001, ANN201
+    """Another tiny model with the same tokenizer and other weights (for swaps)."""
+    from transformers import AutoTokenizer
+
+    from trainer.models import LlamaSize, build_llama, save_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = build_llama(tokenizer, LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2), seed=1)
+    return save_model(model, tokenizer, tiny_model_dir.parent / "tiny-b")

@@ -43,3 +43,12 @@ def test_python_m_services_env_serves_on_loopback() -> None:
         assert env.url.startswith("http://127.0.0.1:")
         listing = httpx.get(f"{env.url}/v1/envs").json()
     assert listing["environments"][0]["name"] == "household"
+
+
+def test_python_m_services_teacher_serves_a_model_on_loopback(tiny_model_dir) -> None:  # noqa: ANN001
+    args = ["--model", str(tiny_model_dir), "--model-name", "tiny"]
+    quiet = {"SAGE_TEACHER_LOG_LEVEL": "warning"}
+    with local_service("teacher", "services.teacher", args=args, env=quiet) as teacher:
+        assert teacher.url.startswith("http://127.0.0.1:")
+        models = httpx.get(f"{teacher.url}/v1/models").json()["models"]
+    assert models[0]["name"] == "tiny" and models[0]["active"]

@@ -15,7 +15,37 @@ from client.protocol import Split
 
 app = typer.Typer(help="SAGE-OPD: multi-turn on-policy distillation for LLM agents.")
 env_app = typer.Typer(help="The environment service.")
+teacher_app = typer.Typer(help="The teacher service.")
 app.add_typer(env_app, name="env")
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("serve")
+def teacher_serve(
+    model: str = typer.Option(
+        None, help="HF id, local model folder, or the folder of a GGUF file."
+    ),
+    model_name: str = typer.Option("teacher", help="The name answers carry."),
+    gguf_file: str = typer.Option(None, help="GGUF file name inside --model."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("auto", help="auto: CUDA when present, else CPU."),
+    backend: str = typer.Option("transformers", help="transformers or vllm"),
+    host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless you mean it."),
+    port: int = typer.Option(8200),
+) -> None:
+    """Run the teacher service (settings also from SAGE_TEACHER_* variables)."""
+    from services.teacher.__main__ import serve_teacher
+
+    serve_teacher(
+        model=model,
+        model_name=model_name,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        device=device,
+        backend=backend,
+        host=host,
+        port=port,
+    )
 
 
 @env_app.command("serve")

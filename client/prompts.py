@@ -1,0 +1,193 @@
+"""What the agent and the judge read, and how a conversation becomes token ids.
+
+One module renders every prompt, so that the student's rollouts, the teacher's
+scoring and judging, and SFT see exactly the same text. The message texts are
+plain functions; :class:`ChatRenderer` turns a conversation into token ids with a
+model's own chat template while splicing in the student's sampled response ids
+unchanged (token ids are never re-tokenized).
+
+The tokenizer is duck-typed (``apply_chat_template``, ``encode``, ``eos_token``,
+``eos_token_id``): a Hugging Face tokenizer fits, and client/ does not import
+transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from client.protocol import LABELS, EpisodeTurn, Label
+
+SYSTEM_PROMPT = (
+    "You are an agent in a household. Each turn you see what happened and the "
+    "admissible actions. Reply with one line 'Thought: ...' (optional) and one line "
+    "'Action: ...' naming one admissible action."
+)
+
+JUDGE_INSTRUCTIONS = (
+    "Judge the agent's last response given the environment's feedback. "
+    "Skip: it makes progress. Weak: it is allowed but makes no progress. "
+    "Strong: it fails, is not allowed, or undoes progress."
+)
+# The judge answers inside its own turn after this cue; each label is read as the
+# token of " " + label (a leading space keeps common words single tokens).
+JUDGE_ANSWER_CUE = "Verdict:"
+
+
+def label_word(label: Label) -> str:
+    return " " + label
+
+
+def observation_message(task: str, observation: str, admissible: Sequence[str], first: bool) -> str:
+    """The user message of a turn: the task (first turn only), what happened, what is allowed."""
+    parts = [f"Task: {task}"] if first else []
+    parts.append(f"Observation: {observation}")
+    if admissible:
+        parts.append("Admissible actions: " + ", ".join(admissible))
+    return "\n".join(parts)
+
+
+def judge_message(feedback: str) -> str:
+    return f"Feedback: {feedback}\n{JUDGE_INSTRUCTIONS}"
+
+
+def agent_response(action: str, thought: str | None = None) -> str:
+    """The canonical response text (what SFT trains and the parser reads)."""
+    if thought:
+        return f"Thought: {thought}\nAction: {action}"
+    return f"Action: {action}"
+
+
+def parse_action(response: str) -> str | None:
+    """The action named by a response ('Action: ...' on its last such line), or None."""
+    action = None
+    for line in response.splitlines():
+        stripped = line.strip()
+        if stripped.lower().startswith("action:"):
+            action = stripped[len("action:") :].strip()
+    return action or None
+
+
+class ChatTokenizer(Protocol):
+    eos_token: str | None
+    eos_token_id: int | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class RenderedEpisode:
+    """An episode's token ids with each turn's response at ``spans[t] = (start, end)``."""
+
+    input_ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+# A string no environment text contains: stands in for each response while the
+# template renders, then the text is split on it and the real ids go in between.
+_SLOT = "\u2063RESPONSE\u2063"
+
+
+class ChatRenderer:
+    """Renders agent conversations with one tokenizer's chat template."""
+
+    def __init__(self, tokenizer: ChatTokenizer, system_prompt: str = SYSTEM_PROMPT) -> None:
+        if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs an end-of-turn (eos) token")
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.eos_id = tokenizer.eos_token_id
+        self.eos_text = tokenizer.eos_token
+
+    def messages(self, task: str, turns: Sequence[EpisodeTurn]) -> list[dict[str, str]]:
+        """The chat up to each turn's response (a slot where each response goes)."""
+        chat = [{"role": "system", "content": self.system_prompt}]
+        for t, turn in enumerate(turns):
+            content = observation_message(task, turn.observation, turn.admissible_actions, t == 0)
+            chat.append({"role": "user", "content": content})
+            chat.append({"role": "assistant", "content": _SLOT})
+        return chat
+
+    def _segments(self, chat: list[dict[str, str]], generation_prompt: bool) -> list[str]:
+        text = self.tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return text.split(_SLOT)
+
+    def _encode(self, text: str, after_response: Sequence[int] | None) -> list[int]:
+        # A response that ended with its own eos already closed the turn; the
+        # template's copy of that token must not follow it a second time.
+        if after_response and after_response[-1] == self.eos_id and text.startswith(self.eos_text):
+            text = text[len(self.eos_text) :]
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def _assemble(
+        self, segments: list[str], responses: Sequence[Sequence[int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self._encode(segments[0], None)
+        spans = []
+        for response, segment in zip(responses, segments[1:], strict=True):
+            start = len(ids)
+            ids.extend(response)
+            spans.append((start, len(ids)))
+            ids.extend(self._encode(segment, response))
+        return ids, spans
+
+    def episode(self, task: str, turns: Sequence[EpisodeTurn]) -> RenderedEpisode:
+        """The whole episode: every observation and every response, responses as given."""
+        segments = self._segments(self.messages(task, turns), generation_prompt=False)
+        ids, spans = self._assemble(segments, [turn.response_ids for turn in turns])
+        return RenderedEpisode(ids, spans)
+
+    def prompt(
+        self, task: str, turns: Sequence[EpisodeTurn], observation: str, admissible: Sequence[str]
+    ) -> list[int]:
+        """The ids the agent generates its next response after (the history, then the new turn)."""
+        pending = EpisodeTurn(
+            observation=observation, admissible_actions=list(admissible), response_ids=[self.eos_id]
+        )
+        chat = self.messages(task, [*turns, pending])[:-1]  # no slot for the response to come
+        segments = self._segments(chat, generation_prompt=True)
+        ids, _ = self._assemble(segments, [turn.response_ids for turn in turns])
+        return ids
+
+    def judge_suffix(self, turns: Sequence[EpisodeTurn]) -> list[int]:
+        """The ids that follow turn ``turns[-1]``'s response when the judge is asked about it.
+
+        The judge reads the whole episode up to and including that response, then
+        this suffix (the end of the turn, the feedback and the question, its own
+        turn and the answer cue); the label is the next token.
+        """
+        last = turns[-1]
+        chat = [
+            {"role": "assistant", "content": _SLOT},
+            {"role": "user", "content": judge_message(last.feedback)},
+        ]
+        full = self._segments(chat, generation_prompt=True)
+        # Only the part after the response matters; render with a neutral prefix
+        # (the template's system header, if any, falls before the slot).
+        return self._encode(full[-1] + JUDGE_ANSWER_CUE, last.response_ids)
+
+    def judge_prompt(self, task: str, turns: Sequence[EpisodeTurn]) -> list[int]:
+        """The whole judge prompt for the last of ``turns``: episode prefix + judge suffix."""
+        rendered = self.episode(task, turns)
+        end = rendered.spans[-1][1]
+        return rendered.input_ids[:end] + self.judge_suffix(turns)
+
+    def label_ids(self) -> dict[Label, int]:
+        """Each label's single token id; raises ValueError when a label is several tokens."""
+        ids: dict[Label, int] = {}
+        for label in LABELS:
+            tokens = self.tokenizer.encode(label_word(label), add_special_tokens=False)
+            if len(tokens) != 1:
+                raise ValueError(
+                    f"judge label {label_word(label)!r} is {len(tokens)} tokens in this "
+                    f"tokenizer ({tokens}); a judge label must be exactly one token"
+                )
+            ids[label] = tokens[0]
+        if len(set(ids.values())) != len(LABELS):
+            raise ValueError(f"judge labels share a token: {ids}")
+        return ids

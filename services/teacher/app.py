@@ -1,0 +1,619 @@
+"""The teacher service's FastAPI app: score, judge, the fused episode call, models, completions.
+
+Routes translate the wire models into backend work (token ids and spans), hand
+it to the micro-batcher, and translate the numbers back. Every answer names the
+model and revision that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from client.protocol import (
+    API_PREFIX,
+    CLIENT_ID_HEADER,
+    LABELS,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    EpisodeRequest,
+    EpisodeResponse,
+    ErrorBody,
+    JudgeRequest,
+    JudgeResponse,
+    LoadModelRequest,
+    ModelInfo,
+    ModelList,
+    ScoreRequest,
+    ScoreResponse,
+    SequenceScores,
+    SpanScores,
+    SwapRequest,
+    TurnScores,
+    TurnVerdict,
+)
+from services.http import (
+    BodyLimitMiddleware,
+    LatencyMiddleware,
+    ServiceError,
+    install_error_handlers,
+)
+from services.teacher.backends.base import EpisodeItem, JudgeItem, ScoreItem
+from services.teacher.batcher import BatchRecord, DeadlineExceeded, Job, MicroBatcher, QueueFull
+from services.teacher.registry import (
+    BackendFactory,
+    LoadedModel,
+    ModelRefused,
+    ModelRegistry,
+    NoModel,
+    SourcePolicy,
+    default_backend_factory,
+)
+from services.teacher.settings import TeacherSettings
+
+log = logging.getLogger(__name__)
+
+
+class TeacherMetrics:
+    """Prometheus metrics of one app instance, per model where it matters."""
+
+    def __init__(self, registry_of_models: ModelRegistry, batcher: MicroBatcher) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("sage_teacher_queue_depth", "Jobs waiting", registry=r)
+        self.queue_depth.set_function(lambda: batcher.depth)
+        self.batch_items = Histogram(
+            "sage_teacher_batch_items",
+            "Items per forward",
+            ["model", "kind"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.batch_tokens = Histogram(
+            "sage_teacher_batch_tokens",
+            "Tokens per forward",
+            ["model", "kind"],
+            registry=r,
+            buckets=(64, 256, 1024, 4096, 16384, 65536),
+        )
+        self.forward_seconds = Histogram(
+            "sage_teacher_forward_seconds", "Time per forward", ["model", "kind"], registry=r
+        )
+        r.register(_ForwardedTokens(registry_of_models))
+        self.requests = Counter(
+            "sage_teacher_requests", "Answered requests", ["model", "route"], registry=r
+        )
+        self.rejections = Counter(
+            "sage_teacher_rejections", "Refused requests", ["reason"], registry=r
+        )
+        self.latency = Histogram(
+            "sage_teacher_request_seconds", "Request latency by route", ["route"], registry=r
+        )
+
+    def record_batch(self, record: BatchRecord) -> None:
+        model, kind = record.key[0].name, record.key[1]
+        self.batch_items.labels(model, kind).observe(record.items)
+        self.batch_tokens.labels(model, kind).observe(record.tokens)
+        self.forward_seconds.labels(model, kind).observe(record.seconds)
+
+
+class _ForwardedTokens(Collector):
+    """Each loaded model's own count of forwarded tokens, read from its backend."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "sage_teacher_tokens_forwarded",
+            "Tokens the backend ran through its model",
+            labels=["model"],
+        )
+        for model in list(self.models.models.values()):
+            family.add_metric([model.name], model.backend.tokens_forwarded)
+        yield family
+
+
+class TeacherService:
+    def __init__(self, settings: TeacherSettings, factory: BackendFactory | None = None) -> None:
+        self.settings = settings
+        policy = SourcePolicy(settings.allowed_roots, settings.allowed_ids)
+        if factory is None:
+
+            def factory(request: LoadModelRequest):  # noqa: ANN202
+                return default_backend_factory(request, settings.trust_remote_code, settings.device)
+
+        self.models = ModelRegistry(policy, factory)
+        self.batcher = MicroBatcher(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            enabled=settings.batching,
+        )
+        self.metrics = TeacherMetrics(self.models, self.batcher)
+        self.batcher.on_batch = self.metrics.record_batch
+
+    async def run(
+        self,
+        model: LoadedModel,
+        kind: str,
+        items: list[Any],
+        run: Callable[[list[Any]], list[Any]],
+        options: tuple[Any, ...],
+        client_id: str,
+        deadline_s: float | None,
+    ) -> list[Any]:
+        """Queue one request's items for the batcher; map its refusals to HTTP errors."""
+        _check_ids(model, items)
+        deadline = time.monotonic() + (deadline_s or self.settings.default_deadline_s)
+        job = Job(
+            key=(model, kind, *options),
+            items=items,
+            run=run,
+            client_id=client_id,
+            deadline=deadline,
+        )
+        try:
+            return await self.batcher.submit(job)
+        except QueueFull as exc:
+            self.metrics.rejections.labels("queue_full").inc()
+            raise ServiceError(
+                503,
+                "queue_full",
+                "The teacher's queue is full; retry shortly.",
+                {"max_queue": self.settings.max_queue},
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from exc
+        except DeadlineExceeded as exc:
+            self.metrics.rejections.labels("deadline").inc()
+            raise ServiceError(
+                504, "deadline_exceeded", "The request's deadline passed before it was served."
+            ) from exc
+
+
+def _check_ids(model: LoadedModel, items: list[Any]) -> None:
+    vocab = model.backend.vocab_size
+    for item in items:
+        ids = item.input_ids
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ServiceError(
+                422,
+                "invalid_token_id",
+                f"Token ids must lie in [0, {vocab}) for {model.name}.",
+                {"vocab_size": vocab},
+            )
+
+
+async def get_service(request: Request) -> TeacherService:
+    return request.app.state.service
+
+
+Service = Annotated[TeacherService, Depends(get_service)]
+
+
+async def get_client_id(
+    client_id: Annotated[str | None, Header(alias=CLIENT_ID_HEADER, max_length=128)] = None,
+) -> str:
+    return client_id or "anonymous"
+
+
+ClientId = Annotated[str, Depends(get_client_id)]
+
+
+async def held_model(service: Service) -> AsyncIterator[LoadedModel]:
+    """The active model, held for the whole request so a swap drains it first."""
+    try:
+        model = service.models.acquire()
+    except NoModel as exc:
+        raise ServiceError(
+            503, "no_model", "No teacher model is loaded.", headers={"Retry-After": "5"}
+        ) from exc
+    try:
+        yield model
+    finally:
+        service.models.release(model)
+
+
+Model = Annotated[LoadedModel, Depends(held_model)]
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def require_admin(
+    service: Service,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    expected = service.settings.admin_token
+    if credentials is None:
+        raise ServiceError(
+            401,
+            "unauthorized",
+            "Admin routes need a bearer token.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if expected is None or not secrets.compare_digest(credentials.credentials, expected):
+        raise ServiceError(403, "forbidden", "The admin token is not valid.")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 503, 504)
+}
+router = APIRouter(prefix=API_PREFIX, responses=_ERRORS)
+admin = APIRouter(
+    prefix=f"{API_PREFIX}/models", dependencies=[Depends(require_admin)], responses=_ERRORS
+)
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(
+    body: ScoreRequest, service: Service, model: Model, client: ClientId
+) -> ScoreResponse:
+    items = [
+        ScoreItem(s.input_ids, [(span.start, span.end) for span in s.spans]) for s in body.sequences
+    ]
+    results = await service.run(
+        model,
+        "score",
+        items,
+        lambda chunk: model.backend.score(chunk, body.top_k),
+        (body.top_k,),
+        client,
+        body.deadline_s,
+    )
+    service.metrics.requests.labels(model.name, "score").inc()
+    return ScoreResponse(
+        model=model.ref,
+        sequences=[SequenceScores(spans=spans) for spans in results],
+        tokens_forwarded=sum(item.num_tokens for item in items),
+    )
+
+
+def _verdict(probs: list[float]) -> TurnVerdict:
+    by_label = dict(zip(LABELS, probs, strict=True))
+    return TurnVerdict(label=max(by_label, key=by_label.get), probs=by_label)
+
+
+@router.post("/judge", response_model=JudgeResponse)
+async def judge(
+    body: JudgeRequest, service: Service, model: Model, client: ClientId
+) -> JudgeResponse:
+    items = [JudgeItem(model.renderer.judge_prompt(e.task, e.turns)) for e in body.episodes]
+    results = await service.run(
+        model,
+        "judge",
+        items,
+        lambda chunk: model.backend.label_probs(chunk, model.label_ids),
+        (),
+        client,
+        body.deadline_s,
+    )
+    service.metrics.requests.labels(model.name, "judge").inc()
+    return JudgeResponse(
+        model=model.ref,
+        verdicts=[_verdict(p) for p in results],
+        tokens_forwarded=sum(item.num_tokens for item in items),
+    )
+
+
+@router.post("/episode", response_model=EpisodeResponse)
+async def score_episode(
+    body: EpisodeRequest, service: Service, model: Model, client: ClientId
+) -> EpisodeResponse:
+    """Score every response token and judge every turn, with cost linear in the turns."""
+    rendered = model.renderer.episode(body.task, body.turns)
+    suffixes = None
+    if body.judge:
+        suffixes = [
+            model.renderer.judge_suffix(body.turns[: t + 1]) for t in range(len(body.turns))
+        ]
+    item = EpisodeItem(rendered.input_ids, rendered.spans, suffixes)
+    [result] = await service.run(
+        model,
+        "episode",
+        [item],
+        lambda chunk: model.backend.score_episodes(chunk, body.top_k, model.label_ids),
+        (body.top_k,),
+        client,
+        body.deadline_s,
+    )
+    service.metrics.requests.labels(model.name, "episode").inc()
+    verdicts = [_verdict(p) for p in result.label_probs] if result.label_probs else None
+    return EpisodeResponse(
+        model=model.ref,
+        turns=[
+            TurnScores(scores=scores, verdict=verdicts[t] if verdicts else None)
+            for t, scores in enumerate(result.spans)
+        ],
+        tokens_forwarded=item.num_tokens,
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(service: Service) -> ModelList:
+    return ModelList(models=service.models.infos())
+
+
+def _refused(exc: ModelRefused) -> ServiceError:
+    code = {403: "model_not_allowed", 409: "conflict", 422: "model_unusable"}[exc.status]
+    return ServiceError(exc.status, code, str(exc))
+
+
+@admin.post("/load", response_model=ModelInfo)
+async def load_model(body: LoadModelRequest, service: Service) -> ModelInfo:
+    """Load and warm a model beside the serving one (``activate``: then swap to it)."""
+    try:
+        return await service.models.load(body)
+    except ModelRefused as exc:
+        raise _refused(exc) from exc
+
+
+@admin.post("/swap", response_model=ModelInfo)
+async def swap_model(body: SwapRequest, service: Service) -> ModelInfo:
+    try:
+        return await service.models.swap(body.name)
+    except KeyError as exc:
+        raise ServiceError(404, "model_not_found", f"No loaded model {body.name!r}.") from exc
+
+
+@admin.delete("/{name}", status_code=204)
+async def unload_model(name: str, service: Service) -> Response:
+    try:
+        await service.models.unload(name)
+    except KeyError as exc:
+        raise ServiceError(404, "model_not_found", f"No loaded model {name!r}.") from exc
+    except ModelRefused as exc:
+        raise _refused(exc) from exc
+    return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible
+
+
+def _prompts(body: CompletionRequest, model: LoadedModel) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    prompts = [model.backend.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ServiceError(422, "invalid_request", "Each prompt needs at least one token.")
+    return prompts
+
+
+@router.post("/completions", response_model=CompletionResponse, response_model_exclude_none=True)
+async def completions(
+    body: CompletionRequest, service: Service, model: Model, client: ClientId
+) -> CompletionResponse:
+    """OpenAI's completions for scoring clients: echo + logprobs, and vLLM's prompt_logprobs.
+
+    Continuations (max_tokens > 0) are greedy.
+    """
+    if body.model not in (None, model.name):
+        raise ServiceError(404, "model_not_found", f"This teacher serves {model.name!r}.")
+    prompts = _prompts(body, model)
+    k = max(body.logprobs or 0, body.prompt_logprobs or 0)
+    wants_prompt = body.echo and body.logprobs is not None or body.prompt_logprobs is not None
+    scores: list[list[SpanScores]] = [[] for _ in prompts]
+    scorable = [i for i, p in enumerate(prompts) if wants_prompt and len(p) > 1]
+    if scorable:
+        items = [ScoreItem(prompts[i], [(1, len(prompts[i]))]) for i in scorable]
+        results = await service.run(
+            model,
+            "score",
+            items,
+            lambda chunk: model.backend.score(chunk, k),
+            (k,),
+            client,
+            None,
+        )
+        for i, spans in zip(scorable, results, strict=True):
+            scores[i] = spans
+    tokenizer = model.backend.tokenizer
+    choices = []
+    completion_tokens = 0
+    for index, ids in enumerate(prompts):
+        new_ids: list[int] = []
+        new_logprobs: list[float] = []
+        if body.max_tokens > 0:
+            new_ids, new_logprobs = await _continue(service, model, ids, body.max_tokens, client)
+        completion_tokens += len(new_ids)
+        span = scores[index][0] if scores[index] else None
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=tokenizer.decode(new_ids),
+                logprobs=_openai_logprobs(tokenizer, ids, span, new_ids, new_logprobs, body)
+                if body.logprobs is not None
+                else None,
+                finish_reason="length",
+                prompt_logprobs=_vllm_prompt_logprobs(tokenizer, ids, span)
+                if body.prompt_logprobs is not None
+                else None,
+                prompt_token_ids=ids if body.prompt_logprobs is not None else None,
+            )
+        )
+    prompt_tokens = sum(len(p) for p in prompts)
+    service.metrics.requests.labels(model.name, "completions").inc()
+    return CompletionResponse(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model.name,
+        choices=choices,
+        usage=CompletionUsage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+async def _continue(
+    service: TeacherService, model: LoadedModel, ids: list[int], max_tokens: int, client: str
+) -> tuple[list[int], list[float]]:
+    [result] = await service.run(
+        model,
+        "generate",
+        [JudgeItem(ids)],
+        lambda chunk: [model.backend.continue_greedy(item.input_ids, max_tokens) for item in chunk],
+        (max_tokens,),
+        client,
+        None,
+    )
+    return result
+
+
+def _piece(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _openai_logprobs(
+    tokenizer: Any,
+    prompt: list[int],
+    span: SpanScores | None,
+    new_ids: list[int],
+    new_logprobs: list[float],
+    body: CompletionRequest,
+) -> CompletionLogprobs:
+    ids = (prompt if body.echo else []) + new_ids
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    if body.echo:
+        token_logprobs.append(None)
+        top.append(None)
+        for j in range(len(prompt) - 1):
+            token_logprobs.append(span.logprobs[j] if span else None)
+            if span and span.topk_ids:
+                top.append(
+                    {
+                        _piece(tokenizer, t): v
+                        for t, v in zip(span.topk_ids[j], span.topk_logprobs[j], strict=True)
+                    }
+                )
+            else:
+                top.append(None)
+    token_logprobs.extend(new_logprobs)
+    top.extend([None] * len(new_logprobs))
+    tokens = [_piece(tokenizer, t) for t in ids]
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets
+    )
+
+
+def _vllm_prompt_logprobs(
+    tokenizer: Any, prompt: list[int], span: SpanScores | None
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's shape: None first, then {token id: {logprob, rank, decoded_token}} per position."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for j, token in enumerate(prompt[1:]):
+        entries: dict[str, dict[str, Any]] = {}
+        ids = span.topk_ids[j] if span and span.topk_ids else []
+        values = span.topk_logprobs[j] if span and span.topk_logprobs else []
+        for rank, (t, v) in enumerate(zip(ids, values, strict=True), start=1):
+            entries[str(t)] = {"logprob": v, "rank": rank, "decoded_token": _piece(tokenizer, t)}
+        if str(token) not in entries and span:
+            entries[str(token)] = {
+                "logprob": span.logprobs[j],
+                "rank": None,
+                "decoded_token": _piece(tokenizer, token),
+            }
+        out.append(entries)
+    return out
+
+
+# --------------------------------------------------------------------------- health
+
+health = APIRouter()
+
+
+@health.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get("/readyz")
+async def readyz(service: Service) -> Response:
+    if service.models.active is None:
+        raise ServiceError(
+            503, "not_ready", "No teacher model is loaded yet.", headers={"Retry-After": "2"}
+        )
+    return PlainTextResponse("ready")
+
+
+@health.get("/metrics")
+async def metrics(service: Service) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(
+    settings: TeacherSettings | None = None, factory: BackendFactory | None = None
+) -> FastAPI:
+    """Build the teacher service (settings default to SAGE_TEACHER_* variables).
+
+    ``settings.model`` is loaded at start-up; the operator named it, so its folder
+    joins the allowed roots.
+    """
+    settings = settings or TeacherSettings()
+    service = TeacherService(settings, factory)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.batcher.start()
+        if settings.model:
+            from pathlib import Path
+
+            if Path(settings.model).exists():
+                service.models.policy.allow_root(settings.model)
+            await service.models.load(
+                LoadModelRequest(
+                    name=settings.model_name,
+                    source=settings.model,
+                    revision=settings.revision,
+                    gguf_file=settings.gguf_file,
+                    dtype=settings.dtype,  # type: ignore[arg-type]
+                    backend=settings.backend,  # type: ignore[arg-type]
+                    trust_remote_code=settings.trust_remote_code,
+                    activate=True,
+                ),
+                check_policy=False,
+            )
+        try:
+            yield
+        finally:
+            await service.batcher.stop()
+            await service.models.close()
+
+    app = FastAPI(title="SAGE-OPD teacher service", version="1", lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LatencyMiddleware, histogram=service.metrics.latency)
+    app.include_router(router)
+    app.include_router(admin)
+    app.include_router(health)
+    return app

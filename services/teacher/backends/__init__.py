@@ -1,0 +1,1 @@
+"""Teacher backends: transformers (CPU or GPU) and vLLM (GPU), behind one interface."""
