@@ -343,6 +343,9 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_K)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    # vLLM's extension: the next token is chosen among these ids only, and its
+    # log-probs are renormalised over them (vLLM: logprobs_mode=processed_logprobs).
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_TOP_K)
 
 
 class CompletionLogprobs(_Model):

@@ -127,7 +127,10 @@ class OpenAITeacherClient(JsonClient):
     The conversation is rendered here, with ``renderer`` built on the teacher's
     tokenizer; token ids go out as the prompt. Scores come from vLLM's
     ``prompt_logprobs``; a verdict from the log-probs of the one token generated
-    after the judge prompt.
+    after the judge prompt, restricted to the label tokens (``allowed_token_ids``).
+    Start a plain vLLM server with ``--logprobs-mode processed_logprobs`` so that
+    those log-probs are the labels' own; otherwise a label outside the vocabulary's
+    top log-probs is missing, and a verdict with no label in it counts as Strong.
     """
 
     def __init__(
@@ -135,13 +138,12 @@ class OpenAITeacherClient(JsonClient):
         base_url: str,
         model: str,
         renderer: ChatRenderer,
-        judge_top_logprobs: int = 20,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_url, **kwargs)
         self.model = model
         self.renderer = renderer
-        self.judge_top_logprobs = judge_top_logprobs
+        self.label_ids = renderer.label_ids()
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         return await self.call(
@@ -172,7 +174,8 @@ class OpenAITeacherClient(JsonClient):
                 prompt=prompt_ids,
                 max_tokens=1,
                 temperature=0,
-                logprobs=self.judge_top_logprobs,
+                logprobs=len(LABELS),
+                allowed_token_ids=[self.label_ids[label] for label in LABELS],
             )
         )
         top = answer.choices[0].logprobs.top_logprobs[0] if answer.choices[0].logprobs else None

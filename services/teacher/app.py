@@ -8,6 +8,7 @@ model and revision that produced it.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -408,11 +409,15 @@ async def completions(
 ) -> CompletionResponse:
     """OpenAI's completions for scoring clients: echo + logprobs, and vLLM's prompt_logprobs.
 
-    Continuations (max_tokens > 0) are greedy.
+    Continuations (max_tokens > 0) are greedy. With ``allowed_token_ids`` (one new
+    token), the token is chosen among those ids and its top log-probs are theirs,
+    renormalised over them: how a judge's verdict is read through this route.
     """
     if body.model not in (None, model.name):
         raise ServiceError(404, "model_not_found", f"This teacher serves {model.name!r}.")
     prompts = _prompts(body, model)
+    if body.allowed_token_ids is not None and body.max_tokens != 1:
+        raise ServiceError(422, "invalid_request", "allowed_token_ids needs max_tokens == 1.")
     k = max(body.logprobs or 0, body.prompt_logprobs or 0)
     wants_prompt = body.echo and body.logprobs is not None or body.prompt_logprobs is not None
     scores: list[list[SpanScores]] = [[] for _ in prompts]
@@ -436,7 +441,12 @@ async def completions(
     for index, ids in enumerate(prompts):
         new_ids: list[int] = []
         new_logprobs: list[float] = []
-        if body.max_tokens > 0:
+        new_top: list[dict[str, float]] = []
+        if body.allowed_token_ids is not None:
+            new_ids, new_logprobs, new_top = await _choose(
+                service, model, ids, body.allowed_token_ids, client
+            )
+        elif body.max_tokens > 0:
             new_ids, new_logprobs = await _continue(service, model, ids, body.max_tokens, client)
         completion_tokens += len(new_ids)
         span = scores[index][0] if scores[index] else None
@@ -444,7 +454,9 @@ async def completions(
             CompletionChoice(
                 index=index,
                 text=tokenizer.decode(new_ids),
-                logprobs=_openai_logprobs(tokenizer, ids, span, new_ids, new_logprobs, body)
+                logprobs=_openai_logprobs(
+                    tokenizer, ids, span, new_ids, new_logprobs, new_top, body
+                )
                 if body.logprobs is not None
                 else None,
                 finish_reason="length",
@@ -484,6 +496,28 @@ async def _continue(
     return result
 
 
+async def _choose(
+    service: TeacherService, model: LoadedModel, ids: list[int], allowed: list[int], client: str
+) -> tuple[list[int], list[float], list[dict[str, float]]]:
+    """One token among ``allowed``: the likeliest, with log-probs renormalised over them."""
+    if min(allowed) < 0 or max(allowed) >= model.backend.vocab_size:
+        raise ServiceError(422, "invalid_token_id", "allowed_token_ids lie outside the vocabulary.")
+    [probs] = await service.run(
+        model,
+        "judge",
+        [JudgeItem(ids)],
+        lambda chunk: model.backend.label_probs(chunk, allowed),
+        (),
+        client,
+        None,
+    )
+    logprobs = [math.log(p) if p > 0 else -math.inf for p in probs]
+    best = max(range(len(allowed)), key=logprobs.__getitem__)
+    tokenizer = model.backend.tokenizer
+    top = {_piece(tokenizer, t): v for t, v in zip(allowed, logprobs, strict=True)}
+    return [allowed[best]], [logprobs[best]], [top]
+
+
 def _piece(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
@@ -494,6 +528,7 @@ def _openai_logprobs(
     span: SpanScores | None,
     new_ids: list[int],
     new_logprobs: list[float],
+    new_top: list[dict[str, float]],
     body: CompletionRequest,
 ) -> CompletionLogprobs:
     ids = (prompt if body.echo else []) + new_ids
@@ -514,7 +549,7 @@ def _openai_logprobs(
             else:
                 top.append(None)
     token_logprobs.extend(new_logprobs)
-    top.extend([None] * len(new_logprobs))
+    top.extend(new_top or [None] * len(new_logprobs))
     tokens = [_piece(tokenizer, t) for t in ids]
     offsets, position = [], 0
     for token in tokens:

@@ -1,4 +1,4 @@
-"""The teacher service on a real uvicorn, with real tiny models (and SmolLM2 where it is installed)."""
+"""The teacher service on a real uvicorn with real tiny models (and SmolLM2 where installed)."""
 
 from __future__ import annotations
 
@@ -55,9 +55,10 @@ def random_episode(tokenizer, turns: int, seed: int = 0) -> tuple[str, list[Epis
     for t in range(turns):
         action = rng.choice(words)
         response = tokenizer.encode(f"Action: {action}", add_special_tokens=False)
+        place = f"cabinet {t % 4 + 1}"
         out.append(
             EpisodeTurn(
-                observation=f"You arrive at cabinet {t % 4 + 1}. The cabinet {t % 4 + 1} is closed.",
+                observation=f"You arrive at {place}. The {place} is closed.",
                 admissible_actions=words,
                 response_ids=[*response, tokenizer.eos_token_id],
                 feedback="Nothing happens." if t % 3 == 0 else f"You open the cabinet {t % 4 + 1}.",
