@@ -80,10 +80,22 @@ class ChatTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class RenderedEpisode:
-    """An episode's token ids with each turn's response at ``spans[t] = (start, end)``."""
+    """Token ids with the responses to train on at ``spans``, turn ``turns[i]`` at ``spans[i]``."""
 
     input_ids: list[int]
     spans: list[tuple[int, int]]
+    turns: list[int]
+
+
+# How much history a turn's context holds: None for the whole episode, k for the
+# last k turns before it (the task is restated in the first turn of a window).
+History = int | None
+
+
+def window(turns: Sequence[EpisodeTurn], t: int, history: History) -> Sequence[EpisodeTurn]:
+    """Turn t with the history it is shown: turns[t - history .. t] (all before it: None)."""
+    start = 0 if history is None else max(0, t - history)
+    return turns[start : t + 1]
 
 
 # A string no environment text contains: stands in for each response while the
@@ -140,12 +152,36 @@ class ChatRenderer:
         """The whole episode: every observation and every response, responses as given."""
         segments = self._segments(self.messages(task, turns), generation_prompt=False)
         ids, spans = self._assemble(segments, [turn.response_ids for turn in turns])
-        return RenderedEpisode(ids, spans)
+        return RenderedEpisode(ids, spans, list(range(len(turns))))
+
+    def contexts(
+        self, task: str, turns: Sequence[EpisodeTurn], history: History = None
+    ) -> list[RenderedEpisode]:
+        """What the agent saw when it wrote each response, as few sequences as that allows.
+
+        With the whole history, one sequence holds every turn (each response's
+        prefix is exactly what the agent saw). With a window of k turns, each turn
+        is its own sequence: its window, with only its own response to train on.
+        """
+        if history is None:
+            return [self.episode(task, turns)]
+        out = []
+        for t in range(len(turns)):
+            rendered = self.episode(task, window(turns, t, history))
+            out.append(RenderedEpisode(rendered.input_ids, rendered.spans[-1:], [t]))
+        return out
 
     def prompt(
-        self, task: str, turns: Sequence[EpisodeTurn], observation: str, admissible: Sequence[str]
+        self,
+        task: str,
+        turns: Sequence[EpisodeTurn],
+        observation: str,
+        admissible: Sequence[str],
+        history: History = None,
     ) -> list[int]:
-        """The ids the agent generates its next response after (the history, then the new turn)."""
+        """The ids the agent generates its next response after (its history, then the new turn)."""
+        if history is not None:
+            turns = turns[len(turns) - history :] if history > 0 else []
         pending = EpisodeTurn(
             observation=observation, admissible_actions=list(admissible), response_ids=[self.eos_id]
         )
@@ -171,9 +207,11 @@ class ChatRenderer:
         # (the template's system header, if any, falls before the slot).
         return self._encode(full[-1] + JUDGE_ANSWER_CUE, last.response_ids)
 
-    def judge_prompt(self, task: str, turns: Sequence[EpisodeTurn]) -> list[int]:
-        """The whole judge prompt for the last of ``turns``: episode prefix + judge suffix."""
-        rendered = self.episode(task, turns)
+    def judge_prompt(
+        self, task: str, turns: Sequence[EpisodeTurn], history: History = None
+    ) -> list[int]:
+        """The whole judge prompt for the last of ``turns``: its context, response, judge suffix."""
+        rendered = self.episode(task, window(turns, len(turns) - 1, history))
         end = rendered.spans[-1][1]
         return rendered.input_ids[:end] + self.judge_suffix(turns)
 

@@ -282,6 +282,7 @@ class JudgeRequest(_Model):
     """Judge the last turn of each episode (its response, given its feedback)."""
 
     episodes: list[EpisodeSpec] = Field(..., min_length=1, max_length=MAX_SEQUENCES_PER_REQUEST)
+    history: int | None = Field(None, ge=0, description="Turns of history shown; None: all")
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -301,6 +302,7 @@ class EpisodeRequest(EpisodeSpec):
 
     judge: bool = True
     top_k: int = Field(0, ge=0, le=MAX_TOP_K)
+    history: int | None = Field(None, ge=0, description="Turns of history shown; None: all")
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 

@@ -73,17 +73,26 @@ class TeacherClient(JsonClient):
             "POST", f"{API_PREFIX}/score", ScoreResponse, request, idempotent=True
         )
 
-    async def judge(self, episodes: Sequence[EpisodeSpec]) -> JudgeResponse:
-        request = JudgeRequest(episodes=list(episodes))
+    async def judge(
+        self, episodes: Sequence[EpisodeSpec], history: int | None = None
+    ) -> JudgeResponse:
+        request = JudgeRequest(episodes=list(episodes), history=history)
         return await self.call(
             "POST", f"{API_PREFIX}/judge", JudgeResponse, request, idempotent=True
         )
 
     async def score_episode(
-        self, task: str, turns: Sequence[EpisodeTurn], judge: bool = True, top_k: int = 0
+        self,
+        task: str,
+        turns: Sequence[EpisodeTurn],
+        judge: bool = True,
+        top_k: int = 0,
+        history: int | None = None,
     ) -> EpisodeResponse:
         """Scores for every response token and a verdict for every turn, in one call."""
-        request = EpisodeRequest(task=task, turns=list(turns), judge=judge, top_k=top_k)
+        request = EpisodeRequest(
+            task=task, turns=list(turns), judge=judge, top_k=top_k, history=history
+        )
         return await self.call(
             "POST", f"{API_PREFIX}/episode", EpisodeResponse, request, idempotent=True
         )
@@ -189,22 +198,30 @@ class OpenAITeacherClient(JsonClient):
         return TurnVerdict(label=max(probs, key=probs.get), probs=probs)
 
     async def score_episode(
-        self, task: str, turns: Sequence[EpisodeTurn], judge: bool = True, top_k: int = 0
+        self,
+        task: str,
+        turns: Sequence[EpisodeTurn],
+        judge: bool = True,
+        top_k: int = 0,
+        history: int | None = None,
     ) -> EpisodeResponse:
-        rendered = self.renderer.episode(task, turns)
-        [spans] = await self.score([(rendered.input_ids, rendered.spans)], top_k)
-        verdicts: list[TurnVerdict | None] = [None] * len(turns)
-        tokens = len(rendered.input_ids)
-        if judge:
-            for t in range(len(turns)):
-                # The prefix repeats the scored episode: a prefix-caching server reads it once.
-                prompt = rendered.input_ids[: rendered.spans[t][1]]
-                prompt += self.renderer.judge_suffix(turns[: t + 1])
-                verdicts[t] = await self.judge_prompt(prompt)
-                tokens += len(prompt)
+        contexts = self.renderer.contexts(task, turns, history)
+        scored = await self.score([(c.input_ids, c.spans) for c in contexts], top_k)
+        out: list[TurnScores | None] = [None] * len(turns)
+        tokens = 0
+        for context, spans in zip(contexts, scored, strict=True):
+            tokens += len(context.input_ids)
+            for t, (_, end), scores in zip(context.turns, context.spans, spans, strict=True):
+                verdict = None
+                if judge:
+                    # The prefix repeats the scored context: a prefix-caching server reads it once.
+                    prompt = context.input_ids[:end] + self.renderer.judge_suffix(turns[: t + 1])
+                    verdict = await self.judge_prompt(prompt)
+                    tokens += len(prompt)
+                out[t] = TurnScores(scores=scores, verdict=verdict)
         return EpisodeResponse(
             model=ModelRef(name=self.model, revision="openai-compatible"),
-            turns=[TurnScores(scores=s, verdict=v) for s, v in zip(spans, verdicts, strict=True)],
+            turns=out,
             tokens_forwarded=tokens,
         )
 

@@ -299,7 +299,9 @@ def _verdict(probs: list[float]) -> TurnVerdict:
 async def judge(
     body: JudgeRequest, service: Service, model: Model, client: ClientId
 ) -> JudgeResponse:
-    items = [JudgeItem(model.renderer.judge_prompt(e.task, e.turns)) for e in body.episodes]
+    items = [
+        JudgeItem(model.renderer.judge_prompt(e.task, e.turns, body.history)) for e in body.episodes
+    ]
     results = await service.run(
         model,
         "judge",
@@ -321,32 +323,38 @@ async def judge(
 async def score_episode(
     body: EpisodeRequest, service: Service, model: Model, client: ClientId
 ) -> EpisodeResponse:
-    """Score every response token and judge every turn, with cost linear in the turns."""
-    rendered = model.renderer.episode(body.task, body.turns)
-    suffixes = None
-    if body.judge:
-        suffixes = [
-            model.renderer.judge_suffix(body.turns[: t + 1]) for t in range(len(body.turns))
-        ]
-    item = EpisodeItem(rendered.input_ids, rendered.spans, suffixes)
-    [result] = await service.run(
+    """Score every response token and judge every turn, with cost linear in the turns.
+
+    With the whole history the episode is one sequence (one forward, judge
+    branches inside it); with a window of k turns, one sequence per turn.
+    """
+    renderer = model.renderer
+    contexts = renderer.contexts(body.task, body.turns, body.history)
+    items = [
+        EpisodeItem(
+            c.input_ids,
+            c.spans,
+            [renderer.judge_suffix(body.turns[: t + 1]) for t in c.turns] if body.judge else None,
+        )
+        for c in contexts
+    ]
+    results = await service.run(
         model,
         "episode",
-        [item],
+        items,
         lambda chunk: model.backend.score_episodes(chunk, body.top_k, model.label_ids),
         (body.top_k,),
         client,
         body.deadline_s,
     )
     service.metrics.requests.labels(model.name, "episode").inc()
-    verdicts = [_verdict(p) for p in result.label_probs] if result.label_probs else None
+    turns: list[TurnScores | None] = [None] * len(body.turns)
+    for context, result in zip(contexts, results, strict=True):
+        probs = result.label_probs or [None] * len(context.turns)
+        for t, scores, p in zip(context.turns, result.spans, probs, strict=True):
+            turns[t] = TurnScores(scores=scores, verdict=_verdict(p) if p is not None else None)
     return EpisodeResponse(
-        model=model.ref,
-        turns=[
-            TurnScores(scores=scores, verdict=verdicts[t] if verdicts else None)
-            for t, scores in enumerate(result.spans)
-        ],
-        tokens_forwarded=item.num_tokens,
+        model=model.ref, turns=turns, tokens_forwarded=sum(item.num_tokens for item in items)
     )
 
 

@@ -159,23 +159,24 @@ async def test_top_k_is_sorted_and_holds_the_given_tokens_entry(url: str) -> Non
 # --------------------------------------------------------------------------- episodes and judging
 
 
+@pytest.mark.parametrize("history", [None, 1])
 async def test_fused_episode_equals_separate_score_and_judge_calls(
-    url: str, tiny_model_dir: Path
+    url: str, tiny_model_dir: Path, history: int | None
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     renderer = ChatRenderer(tokenizer)
     task, turns = random_episode(tokenizer, 6)
-    rendered = renderer.episode(task, turns)
+    contexts = renderer.contexts(task, turns, history)
     async with TeacherClient(url) as teacher:
-        fused = await teacher.score_episode(task, turns, judge=True)
-        scored = await teacher.score([(rendered.input_ids, rendered.spans)])
-        judged = await teacher.judge(
-            [EpisodeSpec(task=task, turns=turns[: t + 1]) for t in range(6)]
-        )
+        fused = await teacher.score_episode(task, turns, judge=True, history=history)
+        scored = await teacher.score([(c.input_ids, c.spans) for c in contexts])
+        episodes = [EpisodeSpec(task=task, turns=turns[: t + 1]) for t in range(6)]
+        judged = await teacher.judge(episodes, history=history)
+    separate = [span for sequence in scored.sequences for span in sequence.spans]
+    assert len(separate) == len(fused.turns) == 6
     for t, turn in enumerate(fused.turns):
-        separate = scored.sequences[0].spans[t]
-        assert max_diff(turn.scores.logprobs, separate.logprobs) <= 1e-4
-        assert max_diff(turn.scores.top1_probs, separate.top1_probs) <= 1e-4
+        assert max_diff(turn.scores.logprobs, separate[t].logprobs) <= 1e-4
+        assert max_diff(turn.scores.top1_probs, separate[t].top1_probs) <= 1e-4
         probs = [turn.verdict.probs[label] for label in LABELS]
         assert max_diff(probs, [judged.verdicts[t].probs[label] for label in LABELS]) <= 1e-4
         assert turn.verdict.label == max(turn.verdict.probs, key=turn.verdict.probs.get)
