@@ -35,6 +35,9 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/env_throughput.py
+	$(BIN)/python benchmarks/teacher_overhead.py
+	$(BIN)/python benchmarks/micro_batching.py
+	$(BIN)/python benchmarks/linear_teacher_cost.py
 
 demo: install
 	$(BIN)/sage-opd demo

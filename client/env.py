@@ -104,11 +104,14 @@ class EnvClient(JsonClient):
         )
         return answer.admissible_actions
 
-    async def expert_action(self, session_id: str) -> str | None:
-        answer = await self.call(
+    async def expert(self, session_id: str) -> ExpertAction:
+        """The expert's next action and, where the environment can tell, its remaining steps."""
+        return await self.call(
             "GET", f"{API_PREFIX}/sessions/{session_id}/expert", ExpertAction, idempotent=True
         )
-        return answer.action
+
+    async def expert_action(self, session_id: str) -> str | None:
+        return (await self.expert(session_id)).action
 
     async def close_session(self, session_id: str) -> None:
         await self.call("DELETE", f"{API_PREFIX}/sessions/{session_id}")

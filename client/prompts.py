@@ -19,16 +19,15 @@ from typing import Any, Protocol
 
 from client.protocol import LABELS, EpisodeTurn, Label
 
+# Short on purpose: every turn of every rollout, score and SFT example carries it.
 SYSTEM_PROMPT = (
-    "You are an agent in a household. Each turn you see what happened and the "
-    "admissible actions. Reply with one line 'Thought: ...' (optional) and one line "
-    "'Action: ...' naming one admissible action."
+    "You act in a household. Reply with 'Action: ' and one admissible action, "
+    "optionally after one line 'Thought: ...'."
 )
 
 JUDGE_INSTRUCTIONS = (
-    "Judge the agent's last response given the environment's feedback. "
-    "Skip: it makes progress. Weak: it is allowed but makes no progress. "
-    "Strong: it fails, is not allowed, or undoes progress."
+    "Judge the agent's last action. Skip: it made progress. Weak: allowed, no progress. "
+    "Strong: it failed, was not allowed, or undid progress."
 )
 # The judge answers inside its own turn after this cue; each label is read as the
 # token of " " + label (a leading space keeps common words single tokens).

@@ -167,6 +167,7 @@ class AdmissibleActions(_Model):
 class ExpertAction(_Model):
     session_id: str
     action: str | None  # None once the task is won
+    steps_left: int | None = None  # the expert's remaining steps, where the env can tell
 
 
 # --------------------------------------------------------------------------- teacher service

@@ -45,10 +45,11 @@ def tiny_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """A saved tiny random Llama with a tokenizer fitted to household text (session-wide)."""
-    from trainer.models import LlamaSize, build_llama, fit_tokenizer, save_model
+    from trainer.config import LlamaShape
+    from trainer.models import build_llama, fit_tokenizer, save_model
 
     tokenizer = fit_tokenizer(tiny_corpus(), vocab_size=1200)
-    model = build_llama(tokenizer, LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2), seed=0)
+    model = build_llama(tokenizer, LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2), seed=0)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny")
 
 
@@ -57,8 +58,9 @@ def tiny_model_dir_b(tiny_model_dir):  # noqa: ANN001, ANN201
     """Another tiny model with the same tokenizer and other weights (for swaps)."""
     from transformers import AutoTokenizer
 
-    from trainer.models import LlamaSize, build_llama, save_model
+    from trainer.config import LlamaShape
+    from trainer.models import build_llama, save_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = build_llama(tokenizer, LlamaSize(hidden=64, layers=2, heads=4, kv_heads=2), seed=1)
+    model = build_llama(tokenizer, LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2), seed=1)
     return save_model(model, tokenizer, tiny_model_dir.parent / "tiny-b")

@@ -92,6 +92,69 @@ async def _play(
     return success_rate(episodes), len(episodes)
 
 
+@app.command("prepare")
+def prepare_command(
+    config: str = typer.Option(None, help="YAML PrepareConfig (configs/prepare-tiny.yaml)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a field: --set data.expert_tasks=100"
+    ),
+    out: str = typer.Option("artifacts", help="Where the cached artifacts live."),
+    env_url: str = typer.Option(None, help="An env service to use; default: start one."),
+    force: bool = typer.Option(False, help="Rebuild even when the cache has this config."),
+    evaluate: bool = typer.Option(True, help="Measure teacher and student on valid_unseen."),
+) -> None:
+    """Build the fitted tokenizer, the SFT teacher and the warm-started student (cached)."""
+    import json
+    from pathlib import Path
+
+    from trainer.config import PrepareConfig, load_config
+    from trainer.prepare import prepare
+
+    start = time.perf_counter()
+    settings = load_config(PrepareConfig, config, set_)
+    folder = prepare(settings, Path(out), env_url, force=force, evaluate=evaluate)
+    summary = json.loads((folder / "summary.json").read_text())
+    typer.echo(f"artifacts: {folder} ({time.perf_counter() - start:.0f}s this call)")
+    for name in ("teacher", "student"):
+        part = summary[name]
+        line = f"{name}: {part['parameters'] / 1e6:.2f}M parameters, {part['examples']} examples"
+        if "valid_unseen" in part:
+            line += f", valid_unseen success {part['valid_unseen']['success']:.1%}"
+        typer.echo(line)
+    judge = summary["judge"]
+    per_label = ", ".join(
+        f"{k.split('_')[1]} {v:.1%}" for k, v in judge.items() if k.startswith("agreement_")
+    )
+    typer.echo(f"judge agreement on held-out examples: {judge['agreement']:.1%} ({per_label})")
+    typer.echo("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()))
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., help="A model folder (or HF id) to evaluate."),
+    split: str = typer.Option("valid_unseen"),
+    env_url: str = typer.Option(None, help="An env service to use; default: start one."),
+    history: int = typer.Option(None, help="Turns of history; default: the model's agent.json."),
+    max_turns: int = typer.Option(None),
+    limit: int = typer.Option(None, help="Only the first N tasks."),
+) -> None:
+    """Greedy success of a model on a split, through the env service."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.prepare import env_service, evaluate_model, read_agent_info
+
+    info = read_agent_info(model)
+    history = history if history is not None else info.get("history")
+    max_turns = max_turns or info.get("max_turns", 30)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model).eval()
+    with env_service(env_url) as url:
+        result = asyncio.run(
+            evaluate_model(policy, tokenizer, url, split, history, max_turns, limit)  # type: ignore[arg-type]
+        )
+    typer.echo(result.line())
+
+
 @app.command("demo")
 def demo(
     split: str = typer.Option("valid_unseen"),

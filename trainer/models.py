@@ -7,12 +7,13 @@ service, the trainer and vLLM load it like a downloaded model.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from trainer.config import LlamaShape
 
 PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"
 
@@ -27,9 +28,20 @@ CHATML_TEMPLATE = (
 
 
 def fit_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts``, with ChatML special tokens."""
+    """A byte-level BPE tokenizer trained on ``texts``, with ChatML special tokens.
+
+    Text is cut only at punctuation and newlines, not at spaces, so frequent
+    phrases become single tokens: an admissible action such as " go to drawer 1"
+    is often one token, spelled the same in the list and in the response that
+    names it. Short sequences are what make tiny models trainable on a CPU.
+    """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[,.:\n]"), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -37,24 +49,16 @@ def fit_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerF
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    # The chat template's role headers are text too: make them single tokens.
+    roles = ["system\n", "user\n", "assistant\n"] * 100
+    tokenizer.train_from_iterator([*texts, *roles], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END, pad_token=PAD)
     fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
-@dataclass(frozen=True)
-class LlamaSize:
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
-    max_positions: int = 8192
-
-
 def build_llama(
-    tokenizer: PreTrainedTokenizerFast, size: LlamaSize, seed: int = 0
+    tokenizer: PreTrainedTokenizerFast, size: LlamaShape, seed: int = 0
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama for ``tokenizer``'s vocabulary (float32)."""
     config = LlamaConfig(

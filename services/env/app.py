@@ -399,7 +399,8 @@ async def admissible_actions(session_id: str, service: Service) -> AdmissibleAct
 async def expert_action(session_id: str, service: Service) -> ExpertAction:
     session = service.session(session_id)
     action = await service.run(session, session.episode.expert_action)
-    return ExpertAction(session_id=session.id, action=action)
+    steps_left = await service.run(session, session.episode.expert_steps_left)
+    return ExpertAction(session_id=session.id, action=action, steps_left=steps_left)
 
 
 @router.delete("/sessions/{session_id}", status_code=204, responses=_ERRORS)

@@ -56,6 +56,10 @@ class Episode(ABC):
     def expert_action(self) -> str | None:
         """The expert's next action from the current state; None once won."""
 
+    def expert_steps_left(self) -> int | None:
+        """How many steps the expert still needs from here (None: the env cannot tell)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release external resources (a JVM, a game process). Default: nothing."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import subprocess
@@ -13,14 +14,18 @@ import pytest
 
 from services.env.household import HouseholdEnvironment, task_combination
 from services.env.household.catalog import (
+    APPLIANCE_FOR_VERB,
+    LAMP_HOSTS,
+    ROOM_OBJECTS,
     SPLIT_SIZES,
     TASK_TYPES,
     Layout,
     TaskBlueprint,
     build_task,
     layouts,
+    object_search_order,
 )
-from services.env.household.world import NOTHING_HAPPENS, HouseholdEpisode
+from services.env.household.world import NOTHING_HAPPENS, HouseholdEpisode, HouseholdWorld
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = HouseholdEnvironment()
@@ -126,7 +131,7 @@ def test_expert_recovers_from_states_reached_by_random_actions() -> None:
         for _ in range(rng.randint(0, 20)):
             if episode.step(rng.choice(episode.admissible_actions())).won:
                 break
-        # From any state the expert's plan is short: at most two object trips.
+        # From any state the expert's plan is short: a search and at most two object trips.
         for _ in range(episode.task.max_turns):
             action = episode.expert_action()
             if action is None:
@@ -134,6 +139,123 @@ def test_expert_recovers_from_states_reached_by_random_actions() -> None:
             assert action in episode.admissible_actions()
             episode.step(action)
         assert episode.expert_action() is None, task_id
+
+
+def _kind(name: str) -> str:
+    return name.rsplit(" ", 1)[0]
+
+
+def _in_search_order(layout: Layout, kinds: set[str]) -> list[str]:
+    """The documented search order, computed afresh: type alphabetically, then number up."""
+    names = [name for name in layout.receptacles if _kind(name) in kinds]
+    return sorted(names, key=lambda name: (_kind(name), int(name.rsplit(" ", 1)[1])))
+
+
+def _first_unobserved(world: HouseholdWorld, order: list[str]) -> str | None:
+    return next((name for name in order if name not in world.observed), None)
+
+
+def _assert_no_peeking(world: HouseholdWorld, action: str) -> None:
+    """The expert's "go to R" / "open R" must be explained by what the agent has seen."""
+    verb, _, name = action.partition(" to " if action.startswith("go to ") else " ")
+    if verb not in ("go", "open"):
+        return
+    layout = world.blueprint.layout
+    if world.held is not None and _kind(world.held) == world.object_type:
+        if world.task_type == "look_at_obj_in_light":
+            lamp = next(thing for thing in world.things.values() if thing.is_lamp)
+            if lamp.location in world.observed:
+                assert name == lamp.location, action
+            else:  # the lamp is searched for like an object
+                lamp_order = _in_search_order(layout, set(LAMP_HOSTS))
+                assert name == _first_unobserved(world, lamp_order), action
+        else:  # the object goes to its appliance, then to a target
+            verb_for_task = world.required_verb
+            appliance = APPLIANCE_FOR_VERB[verb_for_task] if verb_for_task else None
+            assert _kind(name) in (world.target_type, appliance), action
+        return
+    if name in world.observed:  # fetching: it goes back only where it saw a goal object
+        holds = {_kind(thing) for thing in world.receptacles[name].contents}
+        assert world.object_type in holds, action
+        return
+    # Searching: only while no goal object is seen (except in targets, where pick_two
+    # gathers them), and only the first unobserved candidate or the closed one it is at.
+    goal_things = [t for t in world.things.values() if t.kind == world.object_type]
+    seen = {t.location for t in goal_things if t.location in world.observed}
+    assert all(_kind(spot) == world.target_type for spot in seen), (action, seen)
+    hosts = set(ROOM_OBJECTS[layout.room][world.object_type])
+    if world.task_type != "look_at_obj_in_light":
+        hosts.discard(world.target_type)
+    order = _in_search_order(layout, hosts)
+    at_candidate = verb == "open" and name == world.location and name in order
+    assert at_candidate or name == _first_unobserved(world, order), action
+
+
+def test_expert_never_looks_anywhere_but_the_next_search_spot_or_a_known_place() -> None:
+    rng = random.Random(4)
+    for task_id in range(0, SPLIT_SIZES["train"], 12):
+        for noise in (0, 5):  # from reset, and from a state a noisy policy reached
+            episode = ENV.make("train", task_id)
+            episode.reset()
+            for _ in range(noise):
+                episode.step(rng.choice(episode.admissible_actions()))
+            for _ in range(episode.task.max_turns):
+                action = episode.expert_action()
+                if action is None:
+                    break
+                _assert_no_peeking(episode.world, action)
+                episode.step(action)
+
+
+def test_expert_wins_within_max_turns_after_five_random_actions() -> None:
+    rng = random.Random(5)
+    failures = []
+    for task_id in rng.sample(range(SPLIT_SIZES["train"]), 300):
+        episode = ENV.make("train", task_id)
+        episode.reset()
+        won = False
+        for turn in range(episode.task.max_turns):
+            noisy = turn < 5
+            action = rng.choice(episode.admissible_actions()) if noisy else episode.expert_action()
+            if episode.step(action).won:
+                won = True
+                break
+        if not won:
+            failures.append(task_id)
+    assert failures == []
+
+
+def _with_object_moved(blueprint: TaskBlueprint, thing: str, spot: str) -> TaskBlueprint:
+    placements = [(name, spot if name == thing else where) for name, where in blueprint.placements]
+    return dataclasses.replace(blueprint, placements=tuple(sorted(placements)))
+
+
+def test_expert_action_depends_only_on_what_was_observed() -> None:
+    """Two worlds that differ only where the agent has not looked get the same actions."""
+    rng = random.Random(6)
+    pairs = 0
+    for task_id in range(0, SPLIT_SIZES["train"], 7):
+        blueprint = build_task("train", task_id)
+        spots = dict(blueprint.placements)
+        thing = next(name for name in spots if _kind(name) == blueprint.object_type)
+        order = object_search_order(
+            blueprint.layout, blueprint.task_type, blueprint.object_type, blueprint.target_type
+        )
+        lamp_spots = {where for name, where in spots.items() if _kind(name) == "desklamp"}
+        others = [spot for spot in order if spot != spots[thing] and spot not in lamp_spots]
+        if not others:
+            continue
+        first = HouseholdEpisode(blueprint)
+        second = HouseholdEpisode(_with_object_moved(blueprint, thing, rng.choice(others)))
+        seen_first, seen_second = first.reset(), second.reset()
+        assert seen_first == seen_second  # nothing about contents is shown at the start
+        pairs += 1
+        # While everything observed is the same, so is every expert action.
+        while seen_first == seen_second and not seen_first.done:
+            action = first.expert_action()
+            assert action == second.expert_action(), (task_id, action)
+            seen_first, seen_second = first.step(action), second.step(action)
+    assert pairs > 400
 
 
 def test_expert_returns_none_once_won() -> None:
@@ -263,6 +385,24 @@ def test_initial_observation_lists_receptacles_and_goal() -> None:
         "a cabinet 1, a countertop 1, a fridge 1, a microwave 1, and a sinkbasin 1.\n\n"
         "Your task is to: put a clean apple in cabinet."
     )
+
+
+def test_world_records_which_receptacles_contents_were_seen() -> None:
+    episode = kitchen_episode()
+    assert episode.world.observed == set()  # the first observation shows no contents
+    episode.step("go to cabinet 1")
+    assert episode.world.observed == set()  # closed: nothing seen yet
+    play(episode, ["open cabinet 1", "go to countertop 1", "go to fridge 1"])
+    assert episode.world.observed == {"cabinet 1", "countertop 1"}
+    episode.reset()
+    assert episode.world.observed == set()
+
+
+def test_search_order_is_alphabetical_by_type_then_number_without_the_target_type() -> None:
+    # Mugs may sit on cabinets, countertops, fridges, microwaves and sinkbasins here;
+    # the goal's countertop is left out, as a task object never starts on its target.
+    order = object_search_order(KITCHEN, "pick_and_place", "mug", "countertop")
+    assert order == ("cabinet 1", "cabinet 2", "fridge 1", "microwave 1", "sinkbasin 1")
 
 
 def test_unknown_command_does_nothing() -> None:
@@ -423,3 +563,25 @@ def test_importing_the_world_does_not_import_torch() -> None:
     check = "import sys, services.env.household; assert 'torch' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, env=env, check=True)
+
+
+def test_expert_steps_left_counts_down_along_the_experts_own_plan() -> None:
+    family = HouseholdEnvironment()
+    for task_id in range(0, 60, 7):
+        episode = family.make("valid_seen", task_id)
+        episode.reset()
+        left = episode.expert_steps_left()
+        taken = 0
+        while (action := episode.expert_action()) is not None:
+            assert episode.expert_steps_left() == left - taken
+            episode.step(action)
+            taken += 1
+        assert taken == left and episode.expert_steps_left() == 0
+
+
+def test_a_wasted_or_harmful_action_does_not_bring_the_goal_closer() -> None:
+    episode = HouseholdEnvironment().make("train", 3)
+    episode.reset()
+    before = episode.expert_steps_left()
+    episode.step("inventory")  # changes nothing
+    assert episode.expert_steps_left() == before

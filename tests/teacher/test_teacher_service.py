@@ -280,11 +280,12 @@ async def test_a_failed_load_keeps_the_old_model_serving(url: str, tiny_model_di
 async def test_a_model_whose_labels_are_several_tokens_is_refused(
     url: str, tiny_model_dir: Path
 ) -> None:
-    from trainer.models import LlamaSize, build_llama, fit_tokenizer, save_model
+    from trainer.config import LlamaShape
+    from trainer.models import build_llama, fit_tokenizer, save_model
 
     tokenizer = fit_tokenizer(["go to cabinet 1", "look"] * 20, vocab_size=300)
     folder = save_model(
-        build_llama(tokenizer, LlamaSize()), tokenizer, tiny_model_dir.parent / "nolabels"
+        build_llama(tokenizer, LlamaShape()), tokenizer, tiny_model_dir.parent / "nolabels"
     )
     async with TeacherClient(url, admin_token=TOKEN, retry=NO_RETRY) as teacher:
         with pytest.raises(ServiceCallError) as caught:

@@ -29,7 +29,8 @@ from client.protocol import EpisodeTurn
 from services.teacher.backends.base import EpisodeItem, JudgeItem, ScoreItem
 from services.teacher.backends.hf import TransformersBackend
 from services.teacher.backends.vllm import RequestTypes, VLLMBackend
-from trainer.models import LlamaSize, build_llama, fit_tokenizer, save_model
+from trainer.config import LlamaShape
+from trainer.models import build_llama, fit_tokenizer, save_model
 
 TOLERANCE = 1e-5
 
@@ -172,7 +173,7 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose tokenizer makes the three judge labels single tokens."""
     corpus = [f"Verdict: {label}" for label in ("Skip", "Weak", "Strong") for _ in range(30)]
     tokenizer = fit_tokenizer(corpus, vocab_size=1000)
-    model = build_llama(tokenizer, LlamaSize(), seed=0)
+    model = build_llama(tokenizer, LlamaShape(), seed=0)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 

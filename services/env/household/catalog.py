@@ -2,9 +2,10 @@
 
 This module holds the vocabulary (room types, receptacle types, object types and
 where each object may sit), the room layouts, the train / unseen partition of
-layouts and of (task_type, object type, target type) combinations, and the
-deterministic construction of a task from its (split, task_id). It knows nothing
-of commands or feedback text; world.py plays the tasks built here.
+layouts and of (task_type, object type, target type) combinations, the
+deterministic construction of a task from its (split, task_id), and the fixed
+order in which the expert searches a room for an object (search_order). It knows
+nothing of commands or feedback text; world.py plays the tasks built here.
 
 Determinism: every random choice comes from a ``random.Random`` seeded with an
 integer derived by SHA-256 from a fixed string, so a task is the same in every
@@ -51,7 +52,7 @@ REQUIRED_VERB: dict[str, str | None] = {
 }
 
 LAMP_TYPE = "desklamp"
-LAMP_HOSTS: tuple[str, ...] = ("desk", "sidetable", "dresser")
+LAMP_HOSTS: tuple[str, ...] = ("desk", "dresser", "sidetable")  # alphabetical: see search_order
 LIT_ROOMS: frozenset[str] = frozenset({"bedroom", "livingroom"})
 
 # Per room: (receptacle type, min count, max count), in the order the room lists them.
@@ -120,7 +121,7 @@ _SMALL_BEDROOM_HOSTS = ("desk", "drawer", "dresser", "safe", "shelf", "sidetable
 _SMALL_LIVING_HOSTS = ("cabinet", "coffeetable", "drawer", "dresser", "sidetable", "tvstand")
 
 # Per room: object type -> receptacle types it may start on or be put on as a goal.
-ROOM_OBJECTS: dict[str, dict[str, tuple[str, ...]]] = {
+_ROOM_OBJECTS: dict[str, dict[str, tuple[str, ...]]] = {
     "kitchen": {
         "apple": _FOOD_HOSTS,
         "bread": (*_FOOD_HOSTS, "toaster"),
@@ -194,6 +195,12 @@ ROOM_OBJECTS: dict[str, dict[str, tuple[str, ...]]] = {
         "vase": ("coffeetable", "diningtable", "dresser", "shelf", "sidetable", "tvstand"),
         "watch": _SMALL_LIVING_HOSTS,
     },
+}
+# Host types in alphabetical order: a host list's order is the expert's search order
+# (see search_order), and alphabetical is the one rule that holds for every object.
+ROOM_OBJECTS: dict[str, dict[str, tuple[str, ...]]] = {
+    room: {kind: tuple(sorted(hosts)) for kind, hosts in objects.items()}
+    for room, objects in _ROOM_OBJECTS.items()
 }
 
 # Which objects each processing verb applies to as a task (any object can be processed).
@@ -412,6 +419,45 @@ def _host_spots(layout_id: str, object_kind: str) -> tuple[str, ...]:
     layout = layout_by_id()[layout_id]
     hosts = ROOM_OBJECTS[layout.room][object_kind]
     return tuple(name for name in layout.receptacles if _object_kind(name) in hosts)
+
+
+def receptacle_number(name: str) -> int:
+    """The instance number of a receptacle name: 2 for "cabinet 2"."""
+    return int(name.rsplit(" ", 1)[1])
+
+
+@cache
+def search_order(layout: Layout, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The layout's receptacles of the types ``kinds``, in the expert's search order.
+
+    Ordered by the type's position in ``kinds`` (host lists are alphabetical), then by
+    number ascending: "cabinet 1, cabinet 2, countertop 1, ...".
+    """
+    rank = {kind: position for position, kind in enumerate(kinds)}
+    names = [name for name in layout.receptacles if _object_kind(name) in rank]
+    names.sort(key=lambda name: (rank[_object_kind(name)], receptacle_number(name)))
+    return tuple(names)
+
+
+def object_search_order(
+    layout: Layout, task_type: str, object_type: str, target_type: str
+) -> tuple[str, ...]:
+    """Where a task's objects may start, in search order (see search_order).
+
+    Every host type of the object except the target type: _place_objects never starts a
+    task object in a receptacle of the target type, so searching there is wasted. (For
+    look_at_obj_in_light the excluded spot is the lamp's receptacle, which is unknown
+    until seen, so nothing is left out.)
+    """
+    hosts = ROOM_OBJECTS[layout.room][object_type]
+    if task_type != "look_at_obj_in_light":
+        hosts = tuple(kind for kind in hosts if kind != target_type)
+    return search_order(layout, hosts)
+
+
+def lamp_search_order(layout: Layout) -> tuple[str, ...]:
+    """Where the lamp may stand, in search order (see search_order)."""
+    return search_order(layout, LAMP_HOSTS)
 
 
 def _place_objects(

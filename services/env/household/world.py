@@ -12,6 +12,8 @@ sticky: later commands still run, but the outcome stays done / won / 1.0.
 
 from __future__ import annotations
 
+import copy
+
 from services.env.base import Episode, StepOutcome, TaskSpec
 from services.env.household.catalog import (
     APPLIANCE_FOR_VERB,
@@ -20,6 +22,8 @@ from services.env.household.catalog import (
     REQUIRED_VERB,
     VERB_FOR_APPLIANCE,
     TaskBlueprint,
+    lamp_search_order,
+    object_search_order,
 )
 from services.env.household.expert import next_expert_action
 
@@ -88,6 +92,14 @@ class HouseholdWorld:
         self.held: str | None = None
         self.lamps_on: set[str] = set()
         self.won = False
+        # Receptacles whose contents the agent has seen this episode (arrived while open,
+        # or opened): the expert may use only what lies in these (see expert.py).
+        self.observed: set[str] = set()
+        layout = blueprint.layout
+        self.object_search_order = object_search_order(
+            layout, blueprint.task_type, blueprint.object_type, blueprint.target_type
+        )
+        self.lamp_search_order = lamp_search_order(layout)
         self._goto_actions = {name: f"go to {name}" for name in self.receptacle_names}
         self._admissible: list[str] | None = None
 
@@ -168,6 +180,8 @@ class HouseholdWorld:
         if receptacle is None or receptacle.name == self.location:
             return None
         self.location = receptacle.name
+        if receptacle.is_open:
+            self.observed.add(receptacle.name)
         return f"You arrive at {receptacle.name}. {self.describe_receptacle(receptacle)}"
 
     def _do_open(self, rest: str) -> str | None:
@@ -175,6 +189,7 @@ class HouseholdWorld:
         if here is None or rest != here.name or not here.openable or here.is_open:
             return None
         here.is_open = True
+        self.observed.add(here.name)
         return f"You open the {here.name}. {self.describe_receptacle(here)}"
 
     def _do_close(self, rest: str) -> str | None:
@@ -353,3 +368,16 @@ class HouseholdEpisode(Episode):
 
     def expert_action(self) -> str | None:
         return next_expert_action(self.world)
+
+    def expert_steps_left(self) -> int | None:
+        """Steps the expert needs from here, found by playing it on a copy of the world."""
+        # The blueprint is shared and never mutated; everything else is copied.
+        world = copy.deepcopy(self.world, {id(self.blueprint): self.blueprint})
+        steps = 0
+        while not world.won and steps < 4 * MAX_TURNS:
+            action = next_expert_action(world)
+            if action is None:
+                break
+            world.execute(action)
+            steps += 1
+        return steps

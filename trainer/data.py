@@ -1,0 +1,192 @@
+"""Training data gathered through the env service: expert, recovery and judge examples.
+
+A (possibly noisy) policy plays train tasks; at every state the env service's
+expert says what it would do and how many steps it still needs. That gives:
+- expert trajectories (no noise): what the agent should do;
+- recovery data: states a noisy policy reached, each labelled with the expert's
+  action from there (the agent learns to get back on track);
+- judge examples: each executed action with the environment's feedback, labelled
+  Skip when it brought the goal closer (the expert's remaining steps fell),
+  Weak when it was admissible but changed nothing, Strong when it failed, was
+  not admissible, or set the agent back (the remaining steps grew).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from client.env import EnvClient
+from client.prompts import ChatRenderer, History, agent_response, label_word
+from client.protocol import EpisodeTurn, Label
+
+NOTHING_HAPPENS = "Nothing happens."
+
+
+@dataclass
+class Step:
+    observation: str
+    admissible_actions: list[str]
+    action: str  # what was executed
+    expert_action: str | None  # what the expert would have done here
+    steps_left: int | None  # the expert's remaining steps before the action
+    feedback: str = ""
+    steps_left_after: int | None = None
+
+    @property
+    def label(self) -> Label:
+        """The judge's label for the executed action (see the module docstring)."""
+        if self.action not in self.admissible_actions or self.feedback == NOTHING_HAPPENS:
+            return "Strong"
+        before, after = self.steps_left, self.steps_left_after
+        if before is None or after is None:
+            return "Skip" if self.action == self.expert_action else "Weak"
+        if after < before:
+            return "Skip"
+        return "Weak" if after == before else "Strong"
+
+
+@dataclass
+class Trajectory:
+    split: str
+    task_id: int
+    task: str
+    task_type: str
+    steps: list[Step] = field(default_factory=list)
+    won: bool = False
+
+
+async def play_with_expert(
+    env: EnvClient,
+    split: str,
+    task_id: int,
+    noise: float,
+    seed: int,
+    max_turns: int | None = None,
+    env_name: str = "household",
+) -> Trajectory:
+    """Follow the expert, taking a random admissible action with probability ``noise``."""
+    rng = random.Random(f"{seed}:{split}:{task_id}:{noise}")
+    created = await env.create_session(
+        env=env_name, split=split, task_id=task_id, max_turns=max_turns
+    )  # type: ignore[arg-type]
+    trajectory = Trajectory(split, task_id, created.task.goal, created.task.task_type)
+    result = created.first
+    try:
+        advice = await env.expert(created.session_id)
+        while not result.done:
+            action = advice.action
+            if action is None or rng.random() < noise:
+                action = rng.choice(result.admissible_actions)
+            step = Step(
+                observation=result.observation,
+                admissible_actions=result.admissible_actions,
+                action=action,
+                expert_action=advice.action,
+                steps_left=advice.steps_left,
+            )
+            result = await env.step(created.session_id, action)
+            advice = await env.expert(created.session_id)
+            step.feedback = result.observation
+            step.steps_left_after = 0 if result.won else advice.steps_left
+            trajectory.steps.append(step)
+        trajectory.won = result.won
+    finally:
+        await env.close_session(created.session_id)
+    return trajectory
+
+
+async def gather(
+    env: EnvClient,
+    task_ids: list[int],
+    noise: float,
+    seed: int,
+    split: str = "train",
+    max_turns: int | None = None,
+    concurrency: int = 32,
+    desc: str = "episodes",
+    progress: bool = True,
+) -> list[Trajectory]:
+    limit = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(task_ids), desc=desc, disable=not progress, leave=False)
+
+    async def one(task_id: int) -> Trajectory:
+        async with limit:
+            trajectory = await play_with_expert(env, split, task_id, noise, seed, max_turns)
+        bar.update()
+        return trajectory
+
+    try:
+        return list(await asyncio.gather(*(one(t) for t in task_ids)))
+    finally:
+        bar.close()
+
+
+def response_ids(renderer: ChatRenderer, action: str) -> list[int]:
+    """The ids of the canonical response naming ``action``, closed by the end-of-turn token."""
+    return renderer.tokenizer.encode(agent_response(action), add_special_tokens=False) + [
+        renderer.eos_id
+    ]
+
+
+def executed_turns(renderer: ChatRenderer, trajectory: Trajectory) -> list[EpisodeTurn]:
+    """The trajectory as the agent lived it: the executed actions as its responses."""
+    return [
+        EpisodeTurn(
+            observation=s.observation,
+            admissible_actions=s.admissible_actions,
+            response_ids=response_ids(renderer, s.action),
+            feedback=s.feedback,
+        )
+        for s in trajectory.steps
+    ]
+
+
+def agent_examples(
+    renderer: ChatRenderer, trajectories: list[Trajectory], history: History
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt, target) pairs: the context as lived, and the expert's action from there."""
+    out = []
+    for trajectory in trajectories:
+        turns = executed_turns(renderer, trajectory)
+        for t, step in enumerate(trajectory.steps):
+            if step.expert_action is None:
+                continue
+            prompt = renderer.prompt(
+                trajectory.task, turns[:t], step.observation, step.admissible_actions, history
+            )
+            out.append((prompt, response_ids(renderer, step.expert_action)))
+    return out
+
+
+def judge_examples(
+    renderer: ChatRenderer, trajectories: list[Trajectory], history: History
+) -> list[tuple[list[int], list[int], Label]]:
+    """(judge prompt, label token, label) for every executed action."""
+    label_ids = renderer.label_ids()
+    out = []
+    for trajectory in trajectories:
+        turns = executed_turns(renderer, trajectory)
+        for t, step in enumerate(trajectory.steps):
+            prompt = renderer.judge_prompt(trajectory.task, turns[: t + 1], history)
+            out.append((prompt, [label_ids[step.label]], step.label))
+    return out
+
+
+def corpus(trajectories: list[Trajectory]) -> list[str]:
+    """Every text an agent or judge reads, for fitting a tokenizer."""
+    from client.prompts import JUDGE_ANSWER_CUE, JUDGE_INSTRUCTIONS, SYSTEM_PROMPT
+
+    texts = [SYSTEM_PROMPT, JUDGE_INSTRUCTIONS]
+    texts += [f"{JUDGE_ANSWER_CUE}{label_word(label)}" for label in ("Skip", "Weak", "Strong")] * 50
+    for trajectory in trajectories:
+        texts.append(f"Task: {trajectory.task}")
+        for step in trajectory.steps:
+            texts.append(f"Observation: {step.observation}")
+            texts.append("Admissible actions: " + ", ".join(step.admissible_actions))
+            texts.append(agent_response(step.action))
+            texts.append(f"Feedback: {step.feedback}")
+    return texts

@@ -1,0 +1,299 @@
+"""`sage-opd prepare`: the tokenizer, the SFT teacher and the warm-started student, cached.
+
+Everything is gathered through the env service and saved as Hugging Face
+artifacts under ``artifacts/prepare-<config hash>/``: ``teacher/`` and
+``student-init/`` (each with its tokenizer and an ``agent.json`` naming the
+history the model was trained with), ``data/`` (the trajectories) and
+``summary.json``. A second call with the same config finds the summary and
+returns at once. The folder is written under a temporary name and renamed at
+the end, so an interrupted run leaves no half-built cache behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.env import EnvClient
+from client.prompts import ChatRenderer
+from client.protocol import LABELS
+from trainer.config import PrepareConfig, SFTConfig
+from trainer.data import Trajectory, agent_examples, corpus, gather, judge_examples
+from trainer.evaluate import EvalResult, summarize
+from trainer.models import build_llama, fit_tokenizer, save_model
+from trainer.rollout import BatchedGenerator, run_episodes
+from trainer.sft import Example, sft
+
+log = logging.getLogger(__name__)
+AGENT_FILE = "agent.json"
+
+
+@contextmanager
+def env_service(url: str | None) -> Iterator[str]:
+    """The given env service, or a local one started for the duration."""
+    if url:
+        yield url
+        return
+    from trainer.stack import local_service
+
+    with local_service("env", "services.env", env={"SAGE_ENV_LOG_LEVEL": "warning"}) as env:
+        yield env.url
+
+
+def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
+    """Disjoint train task ids for each kind of data, in a fixed order."""
+    sizes = [
+        ("tokenizer", 0),
+        ("expert", config.data.expert_tasks),
+        ("recovery", config.data.recovery_tasks),
+        ("judge", config.data.judge_tasks),
+        ("student", config.data.student_tasks),
+    ]
+    out, start = {}, 0
+    for name, n in sizes:
+        out[name] = list(range(start, start + n))
+        start += n
+    return out
+
+
+def agent_info(config: PrepareConfig) -> dict[str, Any]:
+    return {"history": config.history, "max_turns": config.max_turns, "env": config.env}
+
+
+def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / AGENT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+async def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    env_url: str,
+    split: str,
+    history: int | None,
+    max_turns: int,
+    limit: int | None = None,
+    progress: bool = True,
+    env_name: str = "household",
+) -> EvalResult:
+    """Greedy success of ``model`` on ``split`` (all tasks, or the first ``limit``)."""
+    renderer = ChatRenderer(tokenizer)
+    async with EnvClient(env_url, max_connections=64) as env:
+        sizes = {e.name: e.splits for e in (await env.environments()).environments}
+        count = sizes[env_name][split] if limit is None else min(limit, sizes[env_name][split])
+        async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=count, desc=f"eval {split}", disable=not progress, leave=False)
+            episodes = await run_episodes(
+                env,
+                generator.generate,
+                renderer,
+                split,  # type: ignore[arg-type]
+                list(range(count)),
+                history=history,
+                max_turns=max_turns,
+                concurrency=64,
+                env_name=env_name,
+                on_episode=lambda _: bar.update(),
+            )
+            bar.close()
+    return summarize(split, episodes)
+
+
+def judge_agreement(
+    model: Any, renderer: ChatRenderer, examples: list[tuple[list[int], list[int], str]]
+) -> dict[str, float]:
+    """How often the model's most likely label word is the expert's label, overall and per label."""
+    label_ids = [renderer.label_ids()[label] for label in LABELS]
+    hits: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(examples), 64):
+            chunk = examples[start : start + 64]
+            width = max(len(p) for p, _, _ in chunk)
+            ids_BL = torch.full((len(chunk), width), renderer.tokenizer.pad_token_id)
+            mask_BL = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, (prompt, _, _) in enumerate(chunk):
+                ids_BL[b, : len(prompt)] = torch.tensor(prompt)
+                mask_BL[b, : len(prompt)] = 1
+            logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL).logits
+            last_B = mask_BL.sum(dim=1) - 1
+            label_logits_B3 = logits_BLV[torch.arange(len(chunk)), last_B][:, label_ids]
+            for b, (_, _, label) in enumerate(chunk):
+                predicted = LABELS[int(label_logits_B3[b].argmax())]
+                totals[label] += 1
+                hits[label] += predicted == label
+    out = {f"agreement_{label}": hits[label] / totals[label] for label in LABELS if totals[label]}
+    out["agreement"] = sum(hits.values()) / max(1, sum(totals.values()))
+    out.update({f"count_{label}": float(totals[label]) for label in LABELS})
+    return out
+
+
+def train_model(
+    name: str,
+    tokenizer: Any,
+    shape: Any,
+    examples: list[Example],
+    sft_config: SFTConfig,
+    seed: int,
+    progress: bool,
+) -> tuple[Any, list[dict[str, float]], float]:
+    model = build_llama(tokenizer, shape, seed=seed)
+    start = time.perf_counter()
+    history = sft(model, examples, sft_config, tokenizer.pad_token_id, desc=name, progress=progress)
+    return model, history, time.perf_counter() - start
+
+
+def prepare(
+    config: PrepareConfig,
+    out_root: Path = Path("artifacts"),
+    env_url: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> Path:
+    """Build (or find in the cache) the artifacts for ``config``; returns their folder."""
+    out = out_root / f"prepare-{config.digest()}"
+    if (out / "summary.json").exists() and not force:
+        log.info("reusing %s", out)
+        return out
+    torch.manual_seed(config.seed)
+    building = out_root / f".{out.name}.building"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    summary: dict[str, Any] = {"config": config.model_dump(mode="json")}
+    with env_service(env_url) as url:
+        start = time.perf_counter()
+        trajectories = asyncio.run(_gather_all(config, url, progress))
+        timings["data_s"] = time.perf_counter() - start
+        _save_trajectories(building / "data", trajectories)
+
+        start = time.perf_counter()
+        everything = [t for group in trajectories.values() for t in group]
+        tokenizer = fit_tokenizer(corpus(everything), config.vocab_size)
+        renderer = ChatRenderer(tokenizer)
+        renderer.label_ids()  # refuse now, not after training, if a label is several tokens
+        timings["tokenizer_s"] = time.perf_counter() - start
+
+        teacher_agent = agent_examples(
+            renderer, trajectories["expert"] + trajectories["recovery"], config.history
+        )
+        judged = judge_examples(renderer, trajectories["judge"], config.history)
+        holdout = max(1, int(len(judged) * config.data.judge_holdout))
+        judge_train, judge_test = judged[holdout:], judged[:holdout]
+        teacher_examples = [Example.prompt_and_target(p, t) for p, t in teacher_agent] + [
+            Example.prompt_and_target(p, t) for p, t, _ in judge_train
+        ]
+        teacher, teacher_log, timings["teacher_sft_s"] = train_model(
+            "teacher sft",
+            tokenizer,
+            config.teacher,
+            teacher_examples,
+            config.teacher_sft,
+            config.seed,
+            progress,
+        )
+        save_model(teacher, tokenizer, building / "teacher")
+        (building / "teacher" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
+        summary["judge"] = judge_agreement(teacher, renderer, judge_test)
+
+        student_examples = [
+            Example.prompt_and_target(p, t)
+            for p, t in agent_examples(renderer, trajectories["student"], config.history)
+        ]
+        student, student_log, timings["student_sft_s"] = train_model(
+            "student sft",
+            tokenizer,
+            config.student,
+            student_examples,
+            config.student_sft,
+            config.seed + 1,
+            progress,
+        )
+        save_model(student, tokenizer, building / "student-init")
+        (building / "student-init" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
+
+        summary["teacher"] = _model_summary(teacher, teacher_examples, teacher_log)
+        summary["student"] = _model_summary(student, student_examples, student_log)
+        if evaluate:
+            start = time.perf_counter()
+            for name, model in (("teacher", teacher), ("student", student)):
+                result = asyncio.run(
+                    evaluate_model(
+                        model,
+                        tokenizer,
+                        url,
+                        "valid_unseen",
+                        config.history,
+                        config.max_turns,
+                        config.eval_tasks,
+                        progress,
+                    )
+                )
+                summary[name]["valid_unseen"] = result.as_dict()
+            timings["eval_s"] = time.perf_counter() - start
+    summary["timings"] = timings
+    (building / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    building.rename(out)
+    return out
+
+
+async def _gather_all(
+    config: PrepareConfig, url: str, progress: bool
+) -> dict[str, list[Trajectory]]:
+    ranges = task_ranges(config)
+    noise = {
+        "expert": 0.0,
+        "recovery": config.data.recovery_noise,
+        "judge": config.data.judge_noise,
+        "student": 0.0,
+    }
+    async with EnvClient(url, max_connections=64) as env:
+        out = {}
+        for name, level in noise.items():
+            out[name] = await gather(
+                env,
+                ranges[name],
+                level,
+                config.data.seed,
+                max_turns=config.max_turns,
+                desc=f"{name} episodes",
+                progress=progress,
+            )
+    return out
+
+
+def _save_trajectories(folder: Path, trajectories: dict[str, list[Trajectory]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, group in trajectories.items():
+        with (folder / f"{name}.jsonl").open("w") as handle:
+            for trajectory in group:
+                handle.write(json.dumps(asdict(trajectory)) + "\n")
+
+
+def _model_summary(
+    model: Any, examples: list[Example], log_: list[dict[str, float]]
+) -> dict[str, Any]:
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "examples": len(examples),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "steps": len(log_),
+        "first_loss": log_[0]["loss"] if log_ else None,
+        "last_loss": sum(m["loss"] for m in log_[-10:]) / max(1, len(log_[-10:])),
+    }

@@ -1,0 +1,156 @@
+"""Supervised fine-tuning on any causal LM: response-only loss, AdamW, warm-up + cosine, clipping.
+
+Trains the CPU teacher (agent turns and judge examples), warm-starts the student,
+and is the off-policy SFT baseline. An example is a token sequence with the spans
+to learn; everything else (system prompt, observations, template tokens) is
+context only. Examples come from the same rendering as rollouts (client/prompts.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer.config import SFTConfig
+
+IGNORE = -100  # the label torch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    spans: list[tuple[int, int]]  # [start, end) positions whose tokens are learned
+
+    @classmethod
+    def prompt_and_target(cls, prompt_ids: list[int], target_ids: list[int]) -> Example:
+        return cls(prompt_ids + target_ids, [(len(prompt_ids), len(prompt_ids) + len(target_ids))])
+
+
+def loss_mask(length: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """True at every position whose token is learned."""
+    mask_L = torch.zeros(length, dtype=torch.bool)
+    for start, end in spans:
+        mask_L[start:end] = True
+    return mask_L
+
+
+def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask, and labels that are IGNORE outside the spans."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids_BL = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_BL = torch.zeros((len(batch), width), dtype=torch.long)
+    labels_BL = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for b, example in enumerate(batch):
+        n = len(example.input_ids)
+        ids_L = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids_BL[b, :n] = ids_L
+        attention_BL[b, :n] = 1
+        labels_BL[b, :n] = torch.where(loss_mask(n, example.spans), ids_L, IGNORE)
+    return {"input_ids": input_ids_BL, "attention_mask": attention_BL, "labels": labels_BL}
+
+
+def token_batches(
+    examples: Sequence[Example], batch_tokens: int, rng: random.Random
+) -> list[list[Example]]:
+    """Batches of similar length, each at most ``batch_tokens`` padded tokens, in random order."""
+    order = sorted(examples, key=lambda e: len(e.input_ids) + rng.random())
+    batches: list[list[Example]] = []
+    current: list[Example] = []
+    for example in order:
+        width = len(example.input_ids)  # sorted: the newest is the widest
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(example)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the learned tokens of the batch."""
+    logits_BLV = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    targets_BL = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits_BLV[:, :-1].flatten(0, 1).float(), targets_BL.flatten(), ignore_index=IGNORE
+    )
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The learning-rate multiplier: linear warm-up, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def sft(
+    model: Any,
+    examples: Sequence[Example],
+    config: SFTConfig,
+    pad_id: int,
+    desc: str = "sft",
+    progress: bool = True,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    max_steps: int | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` on ``examples``; returns one metrics dict per optimizer step."""
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    epochs = max(1, math.ceil(config.epochs))
+    plan = [b for _ in range(epochs) for b in token_batches(examples, config.batch_tokens, rng)]
+    per_epoch = len(plan) // epochs
+    plan = plan[: max(1, round(per_epoch * config.epochs))]
+    if max_steps is not None:
+        plan = plan[:max_steps]
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, len(plan), config.warmup_steps, config.min_lr_ratio),
+    )
+    model.train()
+    history: list[dict[str, float]] = []
+    bar = tqdm(plan, desc=desc, disable=not progress, leave=False)
+    for step, examples_in_batch in enumerate(bar):
+        batch = {k: v.to(device) for k, v in collate(examples_in_batch, pad_id).items()}
+        loss = response_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        metrics = {
+            "step": step,
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": schedule.get_last_lr()[0],
+            "tokens": int((batch["labels"] != IGNORE).sum()),
+        }
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if on_step is not None:
+            on_step(metrics)
+    model.eval()
+    return history
