@@ -1,0 +1,153 @@
+"""The losses against values computed by hand on small tensors (METHOD.md, symbol for symbol)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.losses import LossSwitches, multi_turn_loss, topk_reverse_kl
+
+# Two turns: turn 0 has tokens 0-1, turn 1 has token 2.
+TURN = torch.tensor([0, 0, 1])
+STUDENT = [-1.0, -2.0, -0.5]  # log pi_S(y)
+TEACHER = [-0.5, -3.0, -0.1]  # log pi_T(y)
+TOP1 = [0.8, 0.6, 0.9]  # teacher's top-1 probability
+A = [t - s for t, s in zip(TEACHER, STUDENT, strict=True)]  # 0.5, -1.0, 0.4
+
+
+def run(labels: list[str], switches: LossSwitches, student: list[float] = STUDENT):  # noqa: ANN201
+    logprobs = torch.tensor(student, requires_grad=True)
+    out = multi_turn_loss(
+        logprobs,
+        logprobs.detach(),
+        torch.tensor(TEACHER),
+        torch.tensor(TOP1),
+        TURN,
+        labels,
+        switches,
+    )
+    return out, logprobs
+
+
+def test_opd_is_minus_advantage_times_logprob_over_tokens() -> None:
+    out, _ = run(["Strong", "Skip"], LossSwitches.opd())
+    # With r = 1, the PPO form equals -A (its value); its gradient is -A per token / N.
+    expected = sum(-a for a in A) / 3
+    assert out.loss.item() == pytest.approx(expected)
+    assert out.advantage_mean == pytest.approx(sum(A) / 3)
+
+
+def test_opd_gradient_is_minus_advantage_over_n_tokens() -> None:
+    out, logprobs = run(["Skip", "Skip"], LossSwitches.opd())
+    out.loss.backward()
+    assert logprobs.grad.tolist() == pytest.approx([-a / 3 for a in A])
+
+
+def test_sage_weights_turns_by_intervention_times_confidence_normalised() -> None:
+    out, logprobs = run(["Weak", "Strong"], LossSwitches(alpha=0.5))
+    c0, c1 = (0.8 + 0.6) / 2, 0.9
+    s = [0.5 * c0, 0.5 * c0, 1.0 * c1]
+    expected = sum(si * -a for si, a in zip(s, A, strict=True)) / sum(s)
+    assert out.loss.item() == pytest.approx(expected)
+    assert out.turn_scores.tolist() == pytest.approx([0.5 * c0, c1])
+    out.loss.backward()
+    assert logprobs.grad.tolist() == pytest.approx(
+        [si * -a / sum(s) for si, a in zip(s, A, strict=True)]
+    )
+
+
+def test_sage_with_all_interventions_and_confidences_at_one_equals_opd() -> None:
+    sage = LossSwitches(intervention=True, confidence=False, normalization=True)
+    out_sage, grad_sage = run(["Strong", "Strong"], sage)
+    out_opd, grad_opd = run(["Strong", "Strong"], LossSwitches.opd())
+    out_sage.loss.backward()
+    out_opd.loss.backward()
+    assert out_sage.loss.item() == out_opd.loss.item()
+    assert torch.equal(grad_sage.grad, grad_opd.grad)
+
+
+@pytest.mark.parametrize(
+    ("switches", "s"),
+    [
+        (LossSwitches(intervention=False), [0.7, 0.7, 0.9]),  # i = 1
+        (LossSwitches(confidence=False), [0.0, 0.0, 1.0]),  # c = 1
+    ],
+)
+def test_each_ablation_removes_its_factor(switches: LossSwitches, s: list[float]) -> None:
+    out, _ = run(["Skip", "Strong"], switches)
+    expected = sum(si * -a for si, a in zip(s, A, strict=True)) / sum(s)
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)  # float32 arithmetic
+
+
+def test_no_normalization_divides_by_the_token_count() -> None:
+    out, _ = run(["Weak", "Strong"], LossSwitches(normalization=False, alpha=0.5))
+    s = [0.5 * 0.7, 0.5 * 0.7, 0.9]
+    assert out.loss.item() == pytest.approx(sum(si * -a for si, a in zip(s, A, strict=True)) / 3)
+
+
+def test_normalization_keeps_the_mean_token_weight_at_one() -> None:
+    out, _ = run(["Weak", "Strong"], LossSwitches(alpha=0.3))
+    assert out.mean_token_weight == pytest.approx(1.0)
+    assert run(["Weak", "Strong"], LossSwitches(normalization=False))[0].mean_token_weight < 1.0
+
+
+def test_an_all_skip_batch_gives_zero_loss_no_nan_and_is_marked_skipped() -> None:
+    out, logprobs = run(["Skip", "Skip"], LossSwitches())
+    out.loss.backward()
+    assert out.skipped and out.loss.item() == 0.0
+    assert not torch.isnan(logprobs.grad).any() and logprobs.grad.abs().sum() == 0
+
+
+def test_ppo_clip_stops_the_gradient_outside_the_trust_region() -> None:
+    # The student moved far up on token 0 (ratio e^1 > 1.2) where A > 0: clipped, no gradient.
+    logprobs = torch.tensor([0.0, -2.0, -0.5], requires_grad=True)
+    old = torch.tensor(STUDENT)
+    out = multi_turn_loss(
+        logprobs,
+        old,
+        torch.tensor(TEACHER),
+        torch.tensor(TOP1),
+        TURN,
+        ["Strong", "Strong"],
+        LossSwitches.opd(),
+    )
+    out.loss.backward()
+    assert logprobs.grad[0].item() == 0.0
+    assert logprobs.grad[1].item() == pytest.approx(-A[1] / 3)  # inside: -A r / N
+
+
+def test_gradients_reach_only_the_tokens_in_the_loss() -> None:
+    vocab, hidden = 11, 4
+    embedding = torch.nn.Embedding(vocab, hidden)
+    head = torch.nn.Linear(hidden, vocab)
+    ids = torch.tensor([3, 5, 7, 2, 9])
+    trained = torch.tensor([False, False, True, True, False])  # prompt, response, context
+    logits = head(embedding(ids))
+    logprobs = torch.log_softmax(logits, -1)[:-1].gather(1, ids[1:, None])[:, 0]
+    selected = logprobs[trained[1:]]
+    out = multi_turn_loss(
+        selected,
+        selected.detach(),
+        selected.detach() + 1.0,
+        torch.full_like(selected, 0.5),
+        torch.zeros(len(selected), dtype=torch.long),
+        ["Strong"],
+        LossSwitches(),
+    )
+    out.loss.backward()
+    # Only the embeddings of the positions that predict trained tokens (1 and 2) get gradient.
+    touched = embedding.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert touched == sorted({ids[1].item(), ids[2].item()})
+
+
+def test_topk_reverse_kl_matches_a_hand_computation() -> None:
+    student_logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    teacher_ids = torch.tensor([[0, 2]])
+    teacher_logprobs = torch.log(torch.tensor([[0.6, 0.1]]))
+    # Student: 0.5 on 0, 0.2 on 2, tail 0.3; teacher: 0.6, 0.1, tail 0.3.
+    expected = 0.5 * math.log(0.5 / 0.6) + 0.2 * math.log(0.2 / 0.1) + 0.3 * math.log(0.3 / 0.3)
+    assert topk_reverse_kl(student_logits, teacher_ids, teacher_logprobs).item() == pytest.approx(
+        expected, abs=1e-5
+    )
