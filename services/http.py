@@ -167,7 +167,7 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 
 @contextmanager
 def running_server(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 300.0
 ) -> Iterator[str]:
     """Serve ``app`` with a real uvicorn in a background thread (port 0: a free one).
 
@@ -185,7 +185,7 @@ def running_server(
     deadline = time.monotonic() + start_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
+            raise RuntimeError(f"the server did not start within {start_timeout_s:.0f}s")
         time.sleep(0.01)
     try:
         yield f"http://{host}:{port}"
