@@ -1,0 +1,77 @@
+"""Rollouts through the env service: batched generation, records, and aligned log-probs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client.env import EnvClient
+from client.prompts import ChatRenderer
+from services.env.app import create_app
+from services.env.settings import EnvSettings
+from trainer.evaluate import summarize
+from trainer.rollout import BatchedGenerator, run_episodes
+
+
+@pytest.mark.parametrize("history", [None, 1])
+async def test_recomputed_logprobs_of_sampled_tokens_match_the_sampling_logprobs(
+    serve,
+    tiny_model_dir: Path,
+    history: int | None,  # noqa: ANN001
+) -> None:
+    url = serve(create_app(EnvSettings()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    renderer = ChatRenderer(tokenizer)
+    async with (
+        EnvClient(url) as env,
+        BatchedGenerator(model, tokenizer, max_new_tokens=8, temperature=1.0, seed=0) as generator,
+    ):
+        episodes = await run_episodes(
+            env, generator.generate, renderer, "train", [0, 1, 2, 3], history=history, max_turns=3
+        )
+    assert max(generator.batches) > 1  # episodes waiting together were generated together
+    compared = 0
+    for episode in episodes:
+        assert len(episode.turns) == 3 and not episode.won
+        for context in renderer.contexts(episode.task, episode.episode_turns(), history):
+            with torch.no_grad():
+                logits = model(torch.tensor([context.input_ids])).logits[0]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for t, (start, end) in zip(context.turns, context.spans, strict=True):
+                turn = episode.turns[t]
+                assert context.input_ids[start:end] == turn.response_ids
+                assert context.input_ids[:start] == turn.prompt_ids
+                recomputed = [
+                    logprobs[p - 1, context.input_ids[p]].item() for p in range(start, end)
+                ]
+                assert (
+                    max(abs(a - b) for a, b in zip(recomputed, turn.sampling_logprobs, strict=True))
+                    <= 1e-4
+                )
+                compared += end - start
+    assert compared > 0
+
+
+async def test_a_random_model_rarely_names_admissible_actions_and_the_summary_says_so(
+    serve,
+    tiny_model_dir: Path,  # noqa: ANN001
+) -> None:
+    url = serve(create_app(EnvSettings()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    async with (
+        EnvClient(url) as env,
+        BatchedGenerator(model, tokenizer, temperature=0.0) as generator,
+    ):
+        episodes = await run_episodes(
+            env, generator.generate, ChatRenderer(tokenizer), "valid_seen", [0, 1], max_turns=2
+        )
+    result = summarize("valid_seen", episodes)
+    assert result.episodes == 2 and result.avg_turns == 2.0 and result.success == 0.0
+    assert result.invalid_rate == 1.0  # an untrained model names no admissible action
+    # Greedy and unchanged: the second turn repeats the first's (empty) action and feedback.
+    assert result.repeated_rate == 0.5
