@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from client.http import JsonClient, RetryPolicy, ServiceCallError
 from client.protocol import (
     API_PREFIX,
@@ -46,6 +49,22 @@ class EnvClient(JsonClient):
             env=env, split=split, task_id=task_id, seed=seed, max_turns=max_turns
         )
         return await self.call("POST", f"{API_PREFIX}/sessions", SessionCreated, request)
+
+    @asynccontextmanager
+    async def open_session(
+        self,
+        env: str = "household",
+        split: Split = "train",
+        task_id: int = 0,
+        seed: int = 0,
+        max_turns: int | None = None,
+    ) -> AsyncIterator[SessionCreated]:
+        """A session for the block's duration: created on entry, closed on exit, come what may."""
+        created = await self.create_session(env, split, task_id, seed, max_turns)
+        try:
+            yield created
+        finally:
+            await self.close_session(created.session_id)
 
     async def create_sessions(self, requests: list[CreateSessionRequest]) -> list[CreatedItem]:
         """Open many sessions in one call; each item holds its session or its own error."""
@@ -104,10 +123,15 @@ class EnvClient(JsonClient):
         )
         return answer.admissible_actions
 
-    async def expert(self, session_id: str) -> ExpertAction:
-        """The expert's next action and, where the environment can tell, its remaining steps."""
+    async def expert(self, session_id: str, steps_left: bool = False) -> ExpertAction:
+        """The expert's next action and, if asked and the environment can tell, its remaining
+        steps (costlier: the environment plays the expert out to count them)."""
         return await self.call(
-            "GET", f"{API_PREFIX}/sessions/{session_id}/expert", ExpertAction, idempotent=True
+            "GET",
+            f"{API_PREFIX}/sessions/{session_id}/expert",
+            ExpertAction,
+            idempotent=True,
+            params={"steps_left": "true"} if steps_left else None,
         )
 
     async def expert_action(self, session_id: str) -> str | None:

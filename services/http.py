@@ -11,14 +11,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -158,6 +159,33 @@ class LatencyMiddleware:
             # The router writes the matched route into the shared scope.
             route = getattr(scope.get("route"), "path", "unmatched")
             self.histogram.labels(route).observe(time.perf_counter() - start)
+
+
+def health_router(
+    registry: Any, not_ready: Callable[[], str | None], retry_after_s: int = 1
+) -> APIRouter:
+    """/healthz (alive), /readyz (503 with the reason while ``not_ready()`` gives one),
+    and /metrics (Prometheus text of ``registry``): the same three routes on every service."""
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz() -> Response:
+        reason = not_ready()
+        if reason is not None:
+            raise ServiceError(
+                503, "not_ready", reason, headers={"Retry-After": str(retry_after_s)}
+            )
+        return PlainTextResponse("ready")
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -17,6 +18,7 @@ from client.env import EnvClient
 from client.protocol import Split
 
 Policy = Literal["expert", "random"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,9 @@ async def play_episode(
     seed: int = 0,
 ) -> EpisodeSummary:
     """Play one task to the end with ``policy``; the session is closed afterwards."""
-    created = await client.create_session(env=env, split=split, task_id=task_id, seed=seed)
     rng = random.Random(seed * 1_000_003 + task_id)
-    result = created.first
-    try:
+    async with client.open_session(env=env, split=split, task_id=task_id, seed=seed) as created:
+        result = created.first
         while not result.done:
             if policy == "expert":
                 action = await client.expert_action(created.session_id)
@@ -48,9 +49,30 @@ async def play_episode(
             else:
                 action = rng.choice(result.admissible_actions)
             result = await client.step(created.session_id, action)
-    finally:
-        await client.close_session(created.session_id)
     return EpisodeSummary(task_id, created.task.task_type, result.won, result.turn)
+
+
+async def play_many(
+    play: Callable[[int], Awaitable[T]],
+    task_ids: list[int],
+    concurrency: int,
+    desc: str,
+    progress: bool = True,
+) -> list[T]:
+    """``play(task_id)`` for every task, ``concurrency`` at a time, in order, with progress."""
+    limit = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(task_ids), desc=desc, disable=not progress, leave=False)
+
+    async def one(task_id: int) -> T:
+        async with limit:
+            result = await play(task_id)
+        bar.update()
+        return result
+
+    try:
+        return list(await asyncio.gather(*(one(t) for t in task_ids)))
+    finally:
+        bar.close()
 
 
 async def play_split(
@@ -64,19 +86,13 @@ async def play_split(
     progress: bool = True,
 ) -> list[EpisodeSummary]:
     """Play every task in ``task_ids``, ``concurrency`` episodes at a time."""
-    limit = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(task_ids), desc=f"{policy} on {split}", disable=not progress, leave=False)
-
-    async def one(task_id: int) -> EpisodeSummary:
-        async with limit:
-            summary = await play_episode(client, policy, split, task_id, env, seed)
-        bar.update()
-        return summary
-
-    try:
-        return list(await asyncio.gather(*(one(t) for t in task_ids)))
-    finally:
-        bar.close()
+    return await play_many(
+        lambda t: play_episode(client, policy, split, t, env, seed),
+        task_ids,
+        concurrency,
+        f"{policy} on {split}",
+        progress,
+    )
 
 
 def success_rate(episodes: list[EpisodeSummary]) -> float:

@@ -13,15 +13,13 @@ expert says what it would do and how many steps it still needs. That gives:
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass, field
-
-from tqdm.auto import tqdm
 
 from client.env import EnvClient
 from client.prompts import ChatRenderer, History, agent_response, label_word
 from client.protocol import EpisodeTurn, Label
+from trainer.baselines import play_many
 
 NOTHING_HAPPENS = "Nothing happens."
 
@@ -70,13 +68,11 @@ async def play_with_expert(
 ) -> Trajectory:
     """Follow the expert, taking a random admissible action with probability ``noise``."""
     rng = random.Random(f"{seed}:{split}:{task_id}:{noise}")
-    created = await env.create_session(
-        env=env_name, split=split, task_id=task_id, max_turns=max_turns
-    )  # type: ignore[arg-type]
-    trajectory = Trajectory(split, task_id, created.task.goal, created.task.task_type)
-    result = created.first
-    try:
-        advice = await env.expert(created.session_id)
+    session = env.open_session(env=env_name, split=split, task_id=task_id, max_turns=max_turns)  # type: ignore[arg-type]
+    async with session as created:
+        trajectory = Trajectory(split, task_id, created.task.goal, created.task.task_type)
+        result = created.first
+        advice = await env.expert(created.session_id, steps_left=True)
         while not result.done:
             action = advice.action
             if action is None or rng.random() < noise:
@@ -89,13 +85,11 @@ async def play_with_expert(
                 steps_left=advice.steps_left,
             )
             result = await env.step(created.session_id, action)
-            advice = await env.expert(created.session_id)
+            advice = await env.expert(created.session_id, steps_left=True)
             step.feedback = result.observation
             step.steps_left_after = 0 if result.won else advice.steps_left
             trajectory.steps.append(step)
         trajectory.won = result.won
-    finally:
-        await env.close_session(created.session_id)
     return trajectory
 
 
@@ -110,19 +104,13 @@ async def gather(
     desc: str = "episodes",
     progress: bool = True,
 ) -> list[Trajectory]:
-    limit = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(task_ids), desc=desc, disable=not progress, leave=False)
-
-    async def one(task_id: int) -> Trajectory:
-        async with limit:
-            trajectory = await play_with_expert(env, split, task_id, noise, seed, max_turns)
-        bar.update()
-        return trajectory
-
-    try:
-        return list(await asyncio.gather(*(one(t) for t in task_ids)))
-    finally:
-        bar.close()
+    return await play_many(
+        lambda t: play_with_expert(env, split, t, noise, seed, max_turns),
+        task_ids,
+        concurrency,
+        desc,
+        progress,
+    )
 
 
 def response_ids(renderer: ChatRenderer, action: str) -> list[int]:

@@ -33,7 +33,7 @@ from trainer.data import Trajectory, agent_examples, corpus, gather, judge_examp
 from trainer.evaluate import EvalResult, summarize
 from trainer.models import build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator, run_episodes
-from trainer.sft import Example, sft
+from trainer.sft import Example, collate, sft
 
 log = logging.getLogger(__name__)
 AGENT_FILE = "agent.json"
@@ -93,9 +93,6 @@ async def evaluate_model(
         sizes = {e.name: e.splits for e in (await env.environments()).environments}
         count = sizes[env_name][split] if limit is None else min(limit, sizes[env_name][split])
         async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=count, desc=f"eval {split}", disable=not progress, leave=False)
             episodes = await run_episodes(
                 env,
                 generator.generate,
@@ -106,9 +103,8 @@ async def evaluate_model(
                 max_turns=max_turns,
                 concurrency=64,
                 env_name=env_name,
-                on_episode=lambda _: bar.update(),
+                progress=progress,
             )
-            bar.close()
     return summarize(split, episodes)
 
 
@@ -123,13 +119,9 @@ def judge_agreement(
     with torch.inference_mode():
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
-            width = max(len(p) for p, _, _ in chunk)
-            ids_BL = torch.full((len(chunk), width), renderer.tokenizer.pad_token_id)
-            mask_BL = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, (prompt, _, _) in enumerate(chunk):
-                ids_BL[b, : len(prompt)] = torch.tensor(prompt)
-                mask_BL[b, : len(prompt)] = 1
-            logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL).logits
+            batch = collate([Example(p, []) for p, _, _ in chunk], renderer.tokenizer.pad_token_id)
+            mask_BL = batch["attention_mask"]
+            logits_BLV = model(input_ids=batch["input_ids"], attention_mask=mask_BL).logits
             last_B = mask_BL.sum(dim=1) - 1
             label_logits_B3 = logits_BLV[torch.arange(len(chunk)), last_B][:, label_ids]
             for b, (_, _, label) in enumerate(chunk):

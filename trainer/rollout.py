@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from client.env import EnvClient
 from client.prompts import ChatRenderer, History, parse_action
 from client.protocol import EpisodeTurn, Split
+from trainer.baselines import play_many
 
 
 @dataclass(frozen=True)
@@ -189,15 +189,11 @@ async def run_episode(
     history: History = None,
     max_turns: int | None = None,
     env_name: str = "household",
-    on_turn: Callable[[EpisodeRecord], None] | None = None,
 ) -> EpisodeRecord:
     """Play one task with ``policy`` (prompt ids -> sample) until done; close the session."""
-    created = await env.create_session(
-        env=env_name, split=split, task_id=task_id, max_turns=max_turns
-    )
-    record = EpisodeRecord(split, task_id, created.task.goal, created.task.task_type)
-    result = created.first
-    try:
+    async with env.open_session(env_name, split, task_id, max_turns=max_turns) as created:
+        record = EpisodeRecord(split, task_id, created.task.goal, created.task.task_type)
+        result = created.first
         while not result.done:
             prompt = renderer.prompt(
                 record.task,
@@ -227,11 +223,7 @@ async def run_episode(
                 turn.feedback,
             )
             record.turns.append(turn)
-            if on_turn is not None:
-                on_turn(record)
         record.won = result.won
-    finally:
-        await env.close_session(created.session_id)
     return record
 
 
@@ -245,20 +237,13 @@ async def run_episodes(
     max_turns: int | None = None,
     concurrency: int = 64,
     env_name: str = "household",
-    on_episode: Callable[[EpisodeRecord], Awaitable[None] | None] | None = None,
+    progress: bool = False,
 ) -> list[EpisodeRecord]:
     """Play ``task_ids`` with up to ``concurrency`` episodes in flight; keep their order."""
-    limit = asyncio.Semaphore(concurrency)
-
-    async def one(task_id: int) -> EpisodeRecord:
-        async with limit:
-            record = await run_episode(
-                env, policy, renderer, split, task_id, history, max_turns, env_name
-            )
-        if on_episode is not None:
-            done = on_episode(record)
-            if inspect.isawaitable(done):
-                await done
-        return record
-
-    return list(await asyncio.gather(*(one(t) for t in task_ids)))
+    return await play_many(
+        lambda t: run_episode(env, policy, renderer, split, t, history, max_turns, env_name),
+        task_ids,
+        concurrency,
+        f"episodes on {split}",
+        progress,
+    )

@@ -14,14 +14,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
 from pydantic_core import to_json
 
@@ -59,6 +56,7 @@ from services.http import (
     BodyLimitMiddleware,
     LatencyMiddleware,
     ServiceError,
+    health_router,
     install_error_handlers,
 )
 
@@ -396,39 +394,21 @@ async def admissible_actions(session_id: str, service: Service) -> AdmissibleAct
 
 
 @router.get("/sessions/{session_id}/expert", response_model=ExpertAction, responses=_ERRORS)
-async def expert_action(session_id: str, service: Service) -> ExpertAction:
+async def expert_action(
+    session_id: str, service: Service, steps_left: bool = False
+) -> ExpertAction:
+    """The expert's next action; with ``?steps_left=true`` also its remaining steps
+    (the environment plays its expert out on a copy, so only callers who need it pay)."""
     session = service.session(session_id)
     action = await service.run(session, session.episode.expert_action)
-    steps_left = await service.run(session, session.episode.expert_steps_left)
-    return ExpertAction(session_id=session.id, action=action, steps_left=steps_left)
+    left = await service.run(session, session.episode.expert_steps_left) if steps_left else None
+    return ExpertAction(session_id=session.id, action=action, steps_left=left)
 
 
 @router.delete("/sessions/{session_id}", status_code=204, responses=_ERRORS)
 async def close_session(session_id: str, service: Service) -> Response:
     await service.close_session(session_id)
     return Response(status_code=204)
-
-
-health = APIRouter()
-
-
-@health.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@health.get("/readyz")
-async def readyz(service: Service) -> Response:
-    if not service.ready:
-        raise ServiceError(
-            503, "not_ready", "The service is starting.", headers={"Retry-After": "1"}
-        )
-    return PlainTextResponse("ready")
-
-
-@health.get("/metrics")
-async def metrics(service: Service) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(settings: EnvSettings | None = None) -> FastAPI:
@@ -468,5 +448,10 @@ def create_app(settings: EnvSettings | None = None) -> FastAPI:
 
     app.add_middleware(LatencyMiddleware, histogram=service.metrics.latency)
     app.include_router(router)
-    app.include_router(health)
+    app.include_router(
+        health_router(
+            service.metrics.registry,
+            lambda: None if service.ready else "The service is starting.",
+        )
+    )
     return app

@@ -17,15 +17,12 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
-from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -59,6 +56,7 @@ from services.http import (
     BodyLimitMiddleware,
     LatencyMiddleware,
     ServiceError,
+    health_router,
     install_error_handlers,
 )
 from services.teacher.backends.base import EpisodeItem, JudgeItem, ScoreItem
@@ -589,30 +587,6 @@ def _vllm_prompt_logprobs(
     return out
 
 
-# --------------------------------------------------------------------------- health
-
-health = APIRouter()
-
-
-@health.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@health.get("/readyz")
-async def readyz(service: Service) -> Response:
-    if service.models.active is None:
-        raise ServiceError(
-            503, "not_ready", "No teacher model is loaded yet.", headers={"Retry-After": "2"}
-        )
-    return PlainTextResponse("ready")
-
-
-@health.get("/metrics")
-async def metrics(service: Service) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
 def create_app(
     settings: TeacherSettings | None = None, factory: BackendFactory | None = None
 ) -> FastAPI:
@@ -658,5 +632,11 @@ def create_app(
     app.add_middleware(LatencyMiddleware, histogram=service.metrics.latency)
     app.include_router(router)
     app.include_router(admin)
-    app.include_router(health)
+    app.include_router(
+        health_router(
+            service.metrics.registry,
+            lambda: "No teacher model is loaded yet." if service.models.active is None else None,
+            retry_after_s=2,
+        )
+    )
     return app

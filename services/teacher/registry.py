@@ -17,7 +17,14 @@ from pathlib import Path
 
 from client.fingerprint import fingerprint_of
 from client.prompts import ChatRenderer
-from client.protocol import LABELS, LoadModelRequest, ModelInfo, ModelRef, ModelState
+from client.protocol import (
+    LABELS,
+    LoadModelRequest,
+    ModelInfo,
+    ModelRef,
+    ModelState,
+    TokenizerFingerprint,
+)
 from services.teacher.backends.base import JudgeItem, ScoreItem, TeacherBackend
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,7 @@ class LoadedModel:
     backend: TeacherBackend
     renderer: ChatRenderer
     label_ids: list[int]  # in the order of LABELS
+    fingerprint: TokenizerFingerprint  # hashing a vocabulary is not free: once, at load
     state: ModelState = "serving"
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -59,7 +67,7 @@ class LoadedModel:
             backend=self.backend.kind,
             state=self.state,
             active=active,
-            fingerprint=fingerprint_of(self.backend.tokenizer),
+            fingerprint=self.fingerprint,
             device=self.backend.device,
             dtype=self.backend.dtype,
         )
@@ -196,6 +204,7 @@ class ModelRegistry:
                 backend=backend,
                 renderer=renderer,
                 label_ids=[labels[label] for label in LABELS],
+                fingerprint=fingerprint_of(backend.tokenizer),
                 state="warming",
             )
             warm_up(model)
