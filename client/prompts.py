@@ -105,11 +105,22 @@ _SLOT = "\u2063RESPONSE\u2063"
 class ChatRenderer:
     """Renders agent conversations with one tokenizer's chat template."""
 
-    def __init__(self, tokenizer: ChatTokenizer, system_prompt: str = SYSTEM_PROMPT) -> None:
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        system_prompt: str = SYSTEM_PROMPT,
+        show_admissible: bool = True,
+    ) -> None:
+        """``show_admissible=False``: the agent is not shown the admissible actions.
+
+        It then reads the room from the first observation and names actions itself,
+        as in ALFWorld's ReAct prompts; contexts are several times shorter.
+        """
         if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an end-of-turn (eos) token")
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.show_admissible = show_admissible
         self.eos_id = tokenizer.eos_token_id
         self.eos_text = tokenizer.eos_token
 
@@ -117,7 +128,8 @@ class ChatRenderer:
         """The chat up to each turn's response (a slot where each response goes)."""
         chat = [{"role": "system", "content": self.system_prompt}]
         for t, turn in enumerate(turns):
-            content = observation_message(task, turn.observation, turn.admissible_actions, t == 0)
+            admissible = turn.admissible_actions if self.show_admissible else ()
+            content = observation_message(task, turn.observation, admissible, t == 0)
             chat.append({"role": "user", "content": content})
             chat.append({"role": "assistant", "content": _SLOT})
         return chat

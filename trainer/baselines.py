@@ -59,7 +59,10 @@ async def play_many(
     desc: str,
     progress: bool = True,
 ) -> list[T]:
-    """``play(task_id)`` for every task, ``concurrency`` at a time, in order, with progress."""
+    """``play(task_id)`` for every task, ``concurrency`` at a time, in order, with progress.
+
+    The first failure cancels the episodes still running and is raised.
+    """
     limit = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(task_ids), desc=desc, disable=not progress, leave=False)
 
@@ -69,9 +72,13 @@ async def play_many(
         bar.update()
         return result
 
+    tasks = [asyncio.ensure_future(one(t)) for t in task_ids]
     try:
-        return list(await asyncio.gather(*(one(t) for t in task_ids)))
+        return list(await asyncio.gather(*tasks))
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()
 
 

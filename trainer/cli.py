@@ -150,9 +150,77 @@ def eval_command(
     policy = AutoModelForCausalLM.from_pretrained(model).eval()
     with env_service(env_url) as url:
         result = asyncio.run(
-            evaluate_model(policy, tokenizer, url, split, history, max_turns, limit)  # type: ignore[arg-type]
+            evaluate_model(
+                policy,
+                tokenizer,
+                url,
+                split,
+                history,
+                max_turns,
+                limit,
+                show_admissible=info.get("show_admissible", True),
+            )
         )
     typer.echo(result.line())
+
+
+@app.command("train")
+def train_command(
+    config: str = typer.Option(..., help="YAML TrainConfig (configs/train-*.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set loss.alpha=0.3"),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a student by OPD or SAGE-OPD against running env and teacher services.
+
+    Resumes from the newest checkpoint in the run's out_dir when there is one.
+    """
+    from trainer.config import TrainConfig, load_config
+    from trainer.train import TeacherVocabularyChanged, train
+
+    settings = load_config(TrainConfig, config, set_)
+    try:
+        rows = train(settings, progress=not quiet)
+    except TeacherVocabularyChanged as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    typer.echo(_result_lines(rows))
+
+
+def _result_lines(rows: list[dict]) -> str:
+    """Success before (step 0) and after (the last evaluation) on each evaluated split."""
+    evaluated = [row for row in rows if any(k.startswith("eval_") for k in row)]
+    if not evaluated:
+        return "no evaluation ran"
+    lines = []
+    first, last = evaluated[0], evaluated[-1]
+    for key in sorted(k for k in last if k.startswith("eval_") and k.endswith("_success")):
+        split = key[len("eval_") : -len("_success")]
+        before = f"{first[key]:.1%} (step {first['step']})" if key in first else "n/a"
+        lines.append(f"{split}: success {before} -> {last[key]:.1%} (step {last['step']})")
+    return "\n".join(lines)
+
+
+@app.command("up")
+def up(
+    teacher: str = typer.Option(None, help="Model folder or HF id for the teacher service."),
+    env_port: int = typer.Option(8100),
+    teacher_port: int = typer.Option(8200),
+) -> None:
+    """Start the env service (and a teacher service) on loopback; stop them on Ctrl-C."""
+    from trainer.stack import local_stack
+
+    with local_stack(teacher, env_port, teacher_port) as services:
+        for name, service in services.items():
+            typer.echo(f"{name} service ready at {service.url}")
+        typer.echo("Ctrl-C stops them.")
+        try:
+            while all(s.process.poll() is None for s in services.values()):
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        stopped = [s.name for s in services.values() if s.process.poll() is not None]
+        if stopped:
+            typer.echo(f"service exited: {', '.join(stopped)}", err=True)
 
 
 @app.command("demo")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -59,6 +59,7 @@ class PrepareConfig(Frozen):
 
     env: str = "household"
     history: int | None = 1  # turns of history in every prompt (None: the whole episode)
+    show_admissible: bool = True  # list the admissible actions in every observation
     max_turns: int = 30
     vocab_size: int = 2048
     tokenizer_tasks: int = 600  # train tasks whose text fits the tokenizer
@@ -101,3 +102,50 @@ def load_config(model: type[C], path: str | Path | None, overrides: list[str] | 
             raise ValueError(f"{path}: a config is a mapping of fields")
         data = loaded or {}
     return model.model_validate(apply_overrides(data, overrides or []))
+
+
+class LossConfig(Frozen):
+    """METHOD.md's loss: standard OPD, or SAGE-OPD with each part switchable."""
+
+    kind: Literal["opd", "sage"] = "sage"  # opd: every switch below is ignored (all off)
+    intervention: bool = True  # i_t from the teacher's verdict (off: i_t = 1)
+    confidence: bool = True  # c_t, the teacher's mean top-1 probability (off: c_t = 1)
+    normalization: bool = True  # divide by sum s_t (off: by the number of tokens)
+    alpha: float = Field(0.5, ge=0, le=1)  # i_t of a Weak turn
+    force_strong_repeated: bool = False  # a repeated action with unchanged feedback is Strong
+    ppo_clip: float = Field(0.2, gt=0)
+    substeps: int = Field(1, ge=1)  # optimizer steps per batch of rollouts (PPO clip beyond 1)
+    top_k: int = Field(0, ge=0)  # > 0: the top-k reverse-KL variant with the teacher's top-k
+
+
+class TrainConfig(Frozen):
+    """`sage-opd train`: on-policy distillation of a student through the services."""
+
+    student: str  # an HF id or a local folder (e.g. artifacts/prepare-.../student-init)
+    teacher_urls: list[str] = ["http://127.0.0.1:8001"]  # used round-robin, per episode
+    env_url: str = "http://127.0.0.1:8000"
+    env: str = "household"
+    train_split: str = "train"
+    history: int | None = None  # turns of history in every prompt (None: the whole episode)
+    show_admissible: bool = True  # list the admissible actions in every observation
+    max_turns: int = 30
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = 32
+    episodes_per_step: int = Field(16, ge=1)  # one rollout per task, tasks drawn at random
+    concurrency: int = 64  # episodes in flight
+    steps: int = Field(20, ge=1)
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # 1.0: a constant learning rate after warm-up
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    eval_splits: list[str] = ["valid_seen", "valid_unseen"]
+    eval_tasks: int | None = None  # None: every task of each split
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    loss: LossConfig = LossConfig()

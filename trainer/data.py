@@ -20,6 +20,7 @@ from client.env import EnvClient
 from client.prompts import ChatRenderer, History, agent_response, label_word
 from client.protocol import EpisodeTurn, Label
 from trainer.baselines import play_many
+from trainer.sft import Example
 
 NOTHING_HAPPENS = "Nothing happens."
 
@@ -147,6 +148,34 @@ def agent_examples(
                 trajectory.task, turns[:t], step.observation, step.admissible_actions, history
             )
             out.append((prompt, response_ids(renderer, step.expert_action)))
+    return out
+
+
+def agent_sequences(
+    renderer: ChatRenderer, trajectories: list[Trajectory], history: History
+) -> list[Example]:
+    """SFT examples teaching the expert's action in the contexts the agent lived.
+
+    With the whole history, one sequence per trajectory learns every turn whose
+    executed action was the expert's (a noisy turn stays in the context, unlearned):
+    the cost is one pass over the episode instead of one per turn. With a window,
+    each turn is its own example, its target the expert's action.
+    """
+    if history is not None:
+        return [
+            Example.prompt_and_target(p, t)
+            for p, t in agent_examples(renderer, trajectories, history)
+        ]
+    out = []
+    for trajectory in trajectories:
+        rendered = renderer.episode(trajectory.task, executed_turns(renderer, trajectory))
+        spans = [
+            span
+            for span, step in zip(rendered.spans, trajectory.steps, strict=True)
+            if step.action == step.expert_action
+        ]
+        if spans:
+            out.append(Example(rendered.input_ids, spans))
     return out
 
 

@@ -77,6 +77,33 @@ class LossOutput:
     mean_token_weight: float  # average of the weights applied per token (1.0 for OPD)
 
 
+def turn_scores(
+    teacher_top1_N: torch.Tensor, turn_N: torch.Tensor, labels: list[Label], switches: LossSwitches
+) -> torch.Tensor:
+    """s_t = i_t * c_t for every turn (1 where a part is switched off)."""
+    turns = len(labels)
+    i_T = intervention(labels, switches.alpha) if switches.intervention else torch.ones(turns)
+    c_T = (
+        turn_confidence(teacher_top1_N, turn_N, turns).detach()
+        if switches.confidence
+        else torch.ones(turns)
+    )
+    return i_T * c_T
+
+
+def token_weights(s_T: torch.Tensor, turn_N: torch.Tensor, switches: LossSwitches) -> torch.Tensor:
+    """w_tj such that the loss is sum_tj w_tj * l_tj: s_t / sum s (or s_t / N_tok).
+
+    All zero when no turn is supervised (never 0 / 0). Computed once for a whole
+    batch, the weights let the batch be forwarded in pieces with the same loss.
+    """
+    s_N = s_T[turn_N].float()
+    total = s_N.sum()
+    if total == 0:
+        return torch.zeros_like(s_N)
+    return s_N / (total if switches.normalization else float(s_N.numel()))
+
+
 def multi_turn_loss(
     student_logprobs_N: torch.Tensor,
     old_logprobs_N: torch.Tensor,
@@ -87,34 +114,20 @@ def multi_turn_loss(
     switches: LossSwitches,
 ) -> LossOutput:
     """OPD or SAGE-OPD over one batch of turns (OPD: LossSwitches.opd())."""
-    turns = len(labels)
     loss_N, advantage_N = token_loss(
         student_logprobs_N, old_logprobs_N, teacher_logprobs_N, switches.ppo_clip
     )
-    i_T = intervention(labels, switches.alpha) if switches.intervention else torch.ones(turns)
-    c_T = (
-        turn_confidence(teacher_top1_N, turn_N, turns).detach()
-        if switches.confidence
-        else torch.ones(turns)
-    )
-    s_T = i_T * c_T
-    s_N = s_T[turn_N].to(loss_N.dtype)
+    s_T = turn_scores(teacher_top1_N, turn_N, labels, switches)
+    w_N = token_weights(s_T, turn_N, switches).to(loss_N.dtype)
     n_tok = loss_N.numel()
-    denominator = s_N.sum() if switches.normalization else torch.tensor(float(n_tok))
-    skipped = bool(s_N.sum() == 0)
-    if skipped or n_tok == 0:
-        # No turn is supervised: a zero that keeps the graph, never 0 / 0.
-        loss = (loss_N * 0.0).sum()
-        weight = 0.0
-    else:
-        loss = (s_N * loss_N).sum() / denominator
-        weight = float((s_N / denominator * n_tok).mean())
+    # A batch with no supervised turn keeps the graph with a zero loss.
+    loss = (w_N * loss_N).sum()
     return LossOutput(
         loss=loss,
-        skipped=skipped,
+        skipped=bool(w_N.sum() == 0),
         advantage_mean=float(advantage_N.mean()) if n_tok else 0.0,
         turn_scores=s_T,
-        mean_token_weight=weight,
+        mean_token_weight=float(w_N.sum()) if n_tok else 0.0,
     )
 
 

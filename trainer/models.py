@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainer.config import LlamaShape
@@ -30,18 +30,13 @@ CHATML_TEMPLATE = (
 def fit_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts``, with ChatML special tokens.
 
-    Text is cut only at punctuation and newlines, not at spaces, so frequent
-    phrases become single tokens: an admissible action such as " go to drawer 1"
-    is often one token, spelled the same in the list and in the response that
-    names it. Short sequences are what make tiny models trainable on a CPU.
+    Text is cut into words GPT-2's way (a word with its leading space, numbers and
+    punctuation apart), so the small vocabulary of an environment becomes whole
+    words: " go", " to", " drawer", " 1". Actions are then compositional (the same
+    " drawer" and " 1" everywhere), which is what lets tiny models learn them.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"[,.:\n]"), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -49,7 +44,7 @@ def fit_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerF
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    # The chat template's role headers are text too: make them single tokens.
+    # The chat template's role names are text too.
     roles = ["system\n", "user\n", "assistant\n"] * 100
     tokenizer.train_from_iterator([*texts, *roles], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END, pad_token=PAD)

@@ -68,7 +68,12 @@ def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
 
 
 def agent_info(config: PrepareConfig) -> dict[str, Any]:
-    return {"history": config.history, "max_turns": config.max_turns, "env": config.env}
+    return {
+        "history": config.history,
+        "show_admissible": config.show_admissible,
+        "max_turns": config.max_turns,
+        "env": config.env,
+    }
 
 
 def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
@@ -86,9 +91,10 @@ async def evaluate_model(
     limit: int | None = None,
     progress: bool = True,
     env_name: str = "household",
+    show_admissible: bool = True,
 ) -> EvalResult:
     """Greedy success of ``model`` on ``split`` (all tasks, or the first ``limit``)."""
-    renderer = ChatRenderer(tokenizer)
+    renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
     async with EnvClient(env_url, max_connections=64) as env:
         sizes = {e.name: e.splits for e in (await env.environments()).environments}
         count = sizes[env_name][split] if limit is None else min(limit, sizes[env_name][split])
@@ -177,7 +183,7 @@ def prepare(
         start = time.perf_counter()
         everything = [t for group in trajectories.values() for t in group]
         tokenizer = fit_tokenizer(corpus(everything), config.vocab_size)
-        renderer = ChatRenderer(tokenizer)
+        renderer = ChatRenderer(tokenizer, show_admissible=config.show_admissible)
         renderer.label_ids()  # refuse now, not after training, if a label is several tokens
         timings["tokenizer_s"] = time.perf_counter() - start
 
@@ -234,6 +240,7 @@ def prepare(
                         config.max_turns,
                         config.eval_tasks,
                         progress,
+                        show_admissible=config.show_admissible,
                     )
                 )
                 summary[name]["valid_unseen"] = result.as_dict()

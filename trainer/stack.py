@@ -73,10 +73,30 @@ def local_service(
 
 
 @contextmanager
-def local_stack(env_port: int | None = None) -> Iterator[dict[str, ServiceProcess]]:
-    """The services a local run needs, by name."""
+def local_stack(
+    teacher: str | None = None,
+    env_port: int | None = None,
+    teacher_port: int | None = None,
+    host: str = "127.0.0.1",
+) -> Iterator[dict[str, ServiceProcess]]:
+    """The services a local run needs, by name: the env service, and a teacher serving
+    ``teacher`` (a model folder or HF id) when one is given."""
     with ExitStack() as stack:
-        quiet = {"SAGE_ENV_LOG_LEVEL": "warning"}
-        env = stack.enter_context(local_service("env", "services.env", port=env_port, env=quiet))
+        quiet = {"SAGE_ENV_LOG_LEVEL": "warning", "SAGE_TEACHER_LOG_LEVEL": "warning"}
+        env = stack.enter_context(
+            local_service("env", "services.env", host=host, port=env_port, env=quiet)
+        )
         services = {"env": env}
+        if teacher is not None:
+            services["teacher"] = stack.enter_context(
+                local_service(
+                    "teacher",
+                    "services.teacher",
+                    ["--model", teacher],
+                    host=host,
+                    port=teacher_port,
+                    env=quiet,
+                    ready_timeout_s=600.0,
+                )
+            )
         yield services

@@ -430,13 +430,12 @@ def receptacle_number(name: str) -> int:
 def search_order(layout: Layout, kinds: tuple[str, ...]) -> tuple[str, ...]:
     """The layout's receptacles of the types ``kinds``, in the expert's search order.
 
-    Ordered by the type's position in ``kinds`` (host lists are alphabetical), then by
-    number ascending: "cabinet 1, cabinet 2, countertop 1, ...".
+    The order in which the room description names them (as ALFWorld lists a room:
+    types in the room's order, numbered instances highest first), so that a search
+    walks down the list the agent read on arrival: "cabinet 2, cabinet 1, fridge 1, ...".
     """
-    rank = {kind: position for position, kind in enumerate(kinds)}
-    names = [name for name in layout.receptacles if _object_kind(name) in rank]
-    names.sort(key=lambda name: (rank[_object_kind(name)], receptacle_number(name)))
-    return tuple(names)
+    wanted = set(kinds)
+    return tuple(name for name in layout.receptacles if _object_kind(name) in wanted)
 
 
 def object_search_order(

@@ -15,9 +15,9 @@ fixed rules of where objects may start.
 
 SEARCH ORDER. The receptacles that may hold an object at the start are those of
 its host types (catalog.ROOM_OBJECTS), except the goal's target type, where the
-task object never starts. They are searched in one fixed order: by type in
-alphabetical order, then by number ascending, e.g. "cabinet 1, cabinet 2,
-countertop 1, drawer 1, ...". The lamp is searched for the same way among the
+task object never starts. They are searched in the order the room description
+names them, e.g. "cabinet 2, cabinet 1, countertop 1, drawer 1, ...": a search
+walks down the list the agent read on arrival. The lamp is searched for the same way among the
 desks, dressers and sidetables.
 
 THE PLAN, in order of need:

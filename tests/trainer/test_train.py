@@ -1,0 +1,198 @@
+"""The trainer end to end on loopback: real env and teacher services, tiny real models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.teacher import TeacherClient
+from services.env.app import create_app as create_env_app
+from services.env.settings import EnvSettings
+from services.teacher.app import create_app as create_teacher_app
+from services.teacher.settings import TeacherSettings
+from trainer.config import LlamaShape, LossConfig, TrainConfig
+from trainer.models import build_llama, fit_tokenizer, save_model
+from trainer.train import METRICS_FILE, TeacherVocabularyChanged, Trainer, checkpoint_dirs, train
+
+TOKEN = "train-test-token"
+
+
+@pytest.fixture
+def stack(serve, tiny_model_dir: Path, tiny_model_dir_b: Path) -> dict[str, str]:  # noqa: ANN001
+    """An env service and a teacher service serving tiny-b (tiny is the student)."""
+    teacher = TeacherSettings(
+        model=str(tiny_model_dir_b),
+        model_name="tiny-b",
+        admin_token=TOKEN,
+        allowed_roots=[str(tiny_model_dir.parent)],
+        max_wait_ms=2.0,
+    )
+    return {
+        "env": serve(create_env_app(EnvSettings())),
+        "teacher": serve(create_teacher_app(teacher)),
+    }
+
+
+def small_config(stack: dict[str, str], student: Path, out: Path, **changes) -> TrainConfig:  # noqa: ANN003
+    values = {
+        "student": str(student),
+        "teacher_urls": [stack["teacher"]],
+        "env_url": stack["env"],
+        "max_turns": 3,
+        "max_new_tokens": 6,
+        "episodes_per_step": 2,
+        "steps": 2,
+        "lr": 1e-3,
+        "eval_splits": ["valid_seen"],
+        "eval_tasks": 2,
+        "checkpoint_every": 1,
+        "out_dir": str(out),
+    }
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["opd", "sage"])
+def test_two_steps_train_checkpoint_and_resume_at_the_next_step(
+    stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    out = tmp_path / kind
+    config = small_config(stack, tiny_model_dir, out, loss=LossConfig(kind=kind))
+    logged = train(config, progress=False)
+    assert [row["step"] for row in logged] == [0, 1, 2]
+    for row in logged[1:]:
+        assert row["tokens"] > 0 and row["loss"] == row["loss"]  # trained, not NaN
+        assert row["teacher_model"] == "tiny-b" and row["teacher_tokens"] > 0
+        assert row["label_skip"] + row["label_weak"] + row["label_strong"] == pytest.approx(1)
+        if not row["skipped"]:
+            assert row["grad_norm"] > 0
+    assert "eval_valid_seen_success" in logged[0] and "eval_valid_seen_success" in logged[-1]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-000001", "step-000002"]
+    weights_before = (checkpoint_dirs(out)[-1] / "model.safetensors").read_bytes()
+    assert weights_before != (tiny_model_dir / "model.safetensors").read_bytes()
+
+    # A new run in the same folder with more steps resumes after step 2.
+    resumed = train(config.model_copy(update={"steps": 3}), progress=False)
+    assert [row["step"] for row in resumed] == [3]
+    assert [row["step"] for row in rows(out)] == [0, 1, 2, 3]
+    assert resumed[0]["episodes_total"] == 6
+
+
+async def test_turns_forced_strong_are_supervised_with_the_teacher_confidence_as_score(
+    stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A random model names no admissible action: every turn is forced Strong (i_t = 1)
+    # whatever the judge says, so s_t = c_t and normalization makes the mean weight 1.
+    config = small_config(stack, tiny_model_dir, tmp_path / "run", steps=1, eval_tasks=1)
+    trainer = Trainer(config, progress=False)
+    logged = await trainer.run()
+    step = logged[-1]
+    assert step["forced_strong"] == 1.0 and step["label_strong"] == 1.0
+    assert step["skipped"] == 0.0 and step["mean_token_weight"] == pytest.approx(1.0)
+    assert 0 < step["mean_turn_score"] <= 1  # s_t = c_t, the teacher's confidence
+
+
+async def test_teacher_swap_mid_run_goes_on_and_the_metrics_show_the_new_revision(
+    stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = small_config(stack, tiny_model_dir, tmp_path / "run", steps=3, eval_every=0)
+    swapped = {}
+
+    async def swap_after_step_one(row: dict) -> None:
+        if row["step"] == 1:
+            async with TeacherClient(stack["teacher"], admin_token=TOKEN) as teacher:
+                from client.protocol import LoadModelRequest
+
+                info = await teacher.load(
+                    LoadModelRequest(name="tiny-a", source=str(tiny_model_dir), activate=True)
+                )
+                swapped["revision"] = info.revision
+
+    logged = await Trainer(config, progress=False).run(on_step=swap_after_step_one)
+    steps = {row["step"]: row for row in logged}
+    assert steps[1]["teacher_model"] == "tiny-b"
+    assert steps[2]["teacher_model"] == "tiny-a" and steps[3]["teacher_model"] == "tiny-a"
+    assert steps[2]["teacher_revision"] == swapped["revision"] != steps[1]["teacher_revision"]
+
+
+@pytest.fixture(scope="module")
+def other_vocabulary_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = ["a completely different corpus of words"] * 20 + ["Verdict: Skip Weak Strong"] * 200
+    tokenizer = fit_tokenizer(corpus, vocab_size=400)
+    model = build_llama(tokenizer, LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1))
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("other") / "other-vocab")
+
+
+async def test_a_swap_to_another_vocabulary_stops_the_run_after_a_checkpoint(
+    serve,  # noqa: ANN001
+    tiny_model_dir: Path,
+    other_vocabulary_model: Path,
+    tmp_path: Path,
+) -> None:
+    teacher = TeacherSettings(
+        model=str(tiny_model_dir),
+        model_name="tiny",
+        admin_token=TOKEN,
+        allowed_roots=[str(tiny_model_dir.parent), str(other_vocabulary_model.parent)],
+    )
+    stack = {
+        "env": serve(create_env_app(EnvSettings())),
+        "teacher": serve(create_teacher_app(teacher)),
+    }
+    config = small_config(stack, tiny_model_dir, tmp_path / "run", steps=3, checkpoint_every=0)
+
+    async def swap_to_other(row: dict) -> None:
+        if row["step"] == 1:
+            from client.protocol import LoadModelRequest
+
+            async with TeacherClient(stack["teacher"], admin_token=TOKEN) as client:
+                await client.load(
+                    LoadModelRequest(
+                        name="other", source=str(other_vocabulary_model), activate=True
+                    )
+                )
+
+    with pytest.raises(TeacherVocabularyChanged, match="vocab"):
+        await Trainer(config, progress=False).run(on_step=swap_to_other)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-000001"]
+    assert [row["step"] for row in rows(tmp_path / "run")] == [0, 1]
+
+
+async def test_a_student_with_another_vocabulary_is_refused_before_the_first_step(
+    stack: dict[str, str], other_vocabulary_model: Path, tmp_path: Path
+) -> None:
+    config = small_config(stack, other_vocabulary_model, tmp_path / "run")
+    with pytest.raises(TeacherVocabularyChanged) as caught:
+        await Trainer(config, progress=False).run()
+    message = str(caught.value)
+    assert "student vocab" in message and "teacher vocab" in message
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+def test_two_trainer_processes_train_at_once_against_one_teacher(
+    stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    processes = []
+    for name in ("a", "b"):
+        config = small_config(stack, tiny_model_dir, tmp_path / name, eval_tasks=1)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        command = [sys.executable, "-m", "trainer.cli", "train", "--config", str(path), "--quiet"]
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        assert b"valid_seen: success" in stdout
+    for name in ("a", "b"):
+        logged = rows(tmp_path / name)
+        assert [row["step"] for row in logged] == [0, 1, 2]
+        assert all(row["teacher_model"] == "tiny-b" for row in logged[1:])

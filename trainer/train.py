@@ -1,0 +1,637 @@
+"""`sage-opd train`: multi-turn OPD and SAGE-OPD through the env and teacher services.
+
+One step:
+1. collect: ``episodes_per_step`` train tasks are played by the student at once
+   (trainer/rollout.py); each episode, as soon as it ends, goes to a teacher's
+   fused call (every response token scored, every turn judged) while the other
+   episodes still act. Teachers are used round-robin. The forced-Strong rules of
+   METHOD.md are applied to the verdicts here.
+2. train: the student recomputes the log-probs of its sampled tokens in the same
+   contexts (client/prompts.py renders them) and the loss of trainer/losses.py is
+   applied for ``loss.substeps`` optimizer steps. The token weights are fixed for
+   the whole batch first, so the batch is forwarded in pieces of bounded size.
+3. log: one JSON line per step (metrics.jsonl) and TensorBoard scalars; greedy
+   evaluation every ``eval_every`` steps; an atomic checkpoint every
+   ``checkpoint_every`` steps, from which a new run in the same folder resumes.
+
+The teacher's model and revision are logged per step. When the teacher service
+switches to a model with another vocabulary, the run saves a checkpoint and
+stops with TeacherVocabularyChanged (the scores could not be read any more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from client.env import EnvClient
+from client.fingerprint import (
+    TokenizerFingerprint,
+    VocabularyMismatch,
+    check_same_vocabulary,
+    fingerprint_of,
+)
+from client.http import ServiceCallError
+from client.prompts import ChatRenderer
+from client.protocol import EpisodeResponse, EpisodeTurn, Label, ModelRef
+from client.teacher import TeacherClient
+from trainer.baselines import play_many
+from trainer.config import LossConfig, TrainConfig
+from trainer.data import NOTHING_HAPPENS
+from trainer.evaluate import summarize
+from trainer.losses import LossSwitches, token_loss, token_weights, topk_reverse_kl, turn_scores
+from trainer.prepare import evaluate_model
+from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord, run_episode
+from trainer.sft import Example, collate, make_optimizer, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "trainer_state.pt"
+MAX_FORWARD_TOKENS = 16_384  # padded tokens per student forward while training
+
+
+class TeacherVocabularyChanged(RuntimeError):
+    """The teacher service now serves a model whose vocabulary is not the student's."""
+
+
+# ----------------------------------------------------------------------------- supervision
+
+
+@dataclass
+class SupervisedEpisode:
+    record: EpisodeRecord
+    labels: list[Label]  # after the forced-Strong rules
+    forced: list[bool]  # the label was forced, not the judge's
+    teacher_logprobs: list[list[float]]  # per turn, per response token
+    teacher_top1: list[list[float]]
+    topk_ids: list[list[list[int]]] | None
+    topk_logprobs: list[list[list[float]]] | None
+    model: ModelRef
+    tokens_forwarded: int
+
+
+def forced_label(turn: TurnRecord, repeated_is_strong: bool) -> bool:
+    """METHOD.md: these turns are Strong without asking the judge."""
+    if turn.action is None or not turn.admissible or turn.feedback == NOTHING_HAPPENS:
+        return True
+    return repeated_is_strong and turn.repeated
+
+
+def switches_of(loss: LossConfig) -> LossSwitches:
+    if loss.kind == "opd":
+        return LossSwitches(
+            intervention=False, confidence=False, normalization=False, ppo_clip=loss.ppo_clip
+        )
+    return LossSwitches(
+        intervention=loss.intervention,
+        confidence=loss.confidence,
+        normalization=loss.normalization,
+        alpha=loss.alpha,
+        ppo_clip=loss.ppo_clip,
+    )
+
+
+class Supervisor:
+    """Sends finished episodes to the teachers (round-robin) and reads their answers."""
+
+    def __init__(
+        self,
+        teachers: list[TeacherClient],
+        config: TrainConfig,
+        student_fingerprint: TokenizerFingerprint,
+    ) -> None:
+        self.teachers = teachers
+        self._next = itertools.cycle(range(len(teachers)))
+        self.config = config
+        self.student_fingerprint = student_fingerprint
+        self.checked: set[tuple[int, str, str]] = set()  # (teacher, model, revision) known good
+        # The judge is asked only when its verdicts are used (OPD never reads them).
+        self.judge = config.loss.kind == "sage" and config.loss.intervention
+
+    async def check(self, index: int, ref: ModelRef | None = None) -> ModelRef:
+        """Check the vocabulary of teacher ``index``'s active model (once per model revision)."""
+        active = await self.teachers[index].active_model()
+        key = (index, active.name, active.revision)
+        if ref is not None and (ref.name, ref.revision) != (active.name, active.revision):
+            # It swapped again since answering; check the model that answered is gone
+            # too by checking the active one (what the next calls will get).
+            key = (index, ref.name, ref.revision)
+        if key not in self.checked:
+            assert active.fingerprint is not None
+            try:
+                check_same_vocabulary(self.student_fingerprint, active.fingerprint)
+            except VocabularyMismatch as exc:
+                raise TeacherVocabularyChanged(
+                    f"teacher {self.teachers[index].base_url} serves {active.name} "
+                    f"(revision {active.revision}): {exc}"
+                ) from exc
+            self.checked.add(key)
+        return ModelRef(name=active.name, revision=active.revision)
+
+    def wire_turns(self, record: EpisodeRecord) -> list[EpisodeTurn]:
+        """The turns as the student saw them (no admissible list if it was not shown one)."""
+        turns = record.episode_turns()
+        if not self.config.show_admissible:
+            turns = [turn.model_copy(update={"admissible_actions": []}) for turn in turns]
+        return turns
+
+    async def supervise(self, record: EpisodeRecord) -> SupervisedEpisode:
+        index = next(self._next)
+        try:
+            answer: EpisodeResponse = await self.teachers[index].score_episode(
+                record.task,
+                self.wire_turns(record),
+                judge=self.judge,
+                top_k=self.config.loss.top_k,
+                history=self.config.history,
+            )
+        except ServiceCallError:
+            await self.check(index)  # a model with another vocabulary refuses our ids
+            raise
+        if (index, answer.model.name, answer.model.revision) not in self.checked:
+            await self.check(index, answer.model)
+        labels, forced = [], []
+        for turn, scored in zip(record.turns, answer.turns, strict=True):
+            if len(scored.scores.logprobs) != len(turn.response_ids):
+                raise ValueError("the teacher scored another number of tokens than were sent")
+            force = forced_label(turn, self.config.loss.force_strong_repeated)
+            force = force or (self.judge and scored.verdict is None)
+            verdict = scored.verdict.label if scored.verdict is not None else "Strong"
+            labels.append("Strong" if force else verdict)
+            forced.append(force)
+        top_k = self.config.loss.top_k > 0
+        return SupervisedEpisode(
+            record=record,
+            labels=labels,
+            forced=forced,
+            teacher_logprobs=[t.scores.logprobs for t in answer.turns],
+            teacher_top1=[t.scores.top1_probs for t in answer.turns],
+            topk_ids=[t.scores.topk_ids or [] for t in answer.turns] if top_k else None,
+            topk_logprobs=[t.scores.topk_logprobs or [] for t in answer.turns] if top_k else None,
+            model=answer.model,
+            tokens_forwarded=answer.tokens_forwarded,
+        )
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class Batch:
+    """The step's trained tokens, flat (suffix _N), and the contexts that hold them."""
+
+    contexts: list[Example]  # each context's trained spans, in token order
+    context_tokens: list[int]  # trained tokens per context (to cut the flat tensors)
+    old_logprobs_N: torch.Tensor
+    teacher_logprobs_N: torch.Tensor
+    teacher_top1_N: torch.Tensor
+    turn_N: torch.Tensor
+    labels: list[Label]
+    topk_ids_NK: list[list[int]] | None
+    topk_logprobs_NK: list[list[float]] | None
+
+
+def build_batch(
+    renderer: ChatRenderer, episodes: list[SupervisedEpisode], config: TrainConfig
+) -> Batch:
+    contexts, counts, old, teacher, top1, turn_index = [], [], [], [], [], []
+    labels: list[Label] = []
+    topk_ids: list[list[int]] = []
+    topk_logprobs: list[list[float]] = []
+    for episode in episodes:
+        record = episode.record
+        offset = len(labels)
+        labels.extend(episode.labels)
+        for context in renderer.contexts(record.task, record.episode_turns(), config.history):
+            n = 0
+            for t, (start, end) in zip(context.turns, context.spans, strict=True):
+                turn = record.turns[t]
+                old.extend(turn.sampling_logprobs)
+                teacher.extend(episode.teacher_logprobs[t])
+                top1.extend(episode.teacher_top1[t])
+                turn_index.extend([offset + t] * (end - start))
+                if episode.topk_ids is not None and episode.topk_logprobs is not None:
+                    topk_ids.extend(episode.topk_ids[t])
+                    topk_logprobs.extend(episode.topk_logprobs[t])
+                n += end - start
+            contexts.append(Example(context.input_ids, context.spans))
+            counts.append(n)
+    top_k = config.loss.top_k > 0
+    return Batch(
+        contexts=contexts,
+        context_tokens=counts,
+        old_logprobs_N=torch.tensor(old, dtype=torch.float32),
+        teacher_logprobs_N=torch.tensor(teacher, dtype=torch.float32),
+        teacher_top1_N=torch.tensor(top1, dtype=torch.float32),
+        turn_N=torch.tensor(turn_index, dtype=torch.long),
+        labels=labels,
+        topk_ids_NK=topk_ids if top_k else None,
+        topk_logprobs_NK=topk_logprobs if top_k else None,
+    )
+
+
+def _pieces(batch: Batch) -> list[list[int]]:
+    """Context indices in groups of at most MAX_FORWARD_TOKENS padded tokens."""
+    pieces: list[list[int]] = [[]]
+    width = 0
+    for i, context in enumerate(batch.contexts):
+        new_width = max(width, len(context.input_ids))
+        if pieces[-1] and new_width * (len(pieces[-1]) + 1) > MAX_FORWARD_TOKENS:
+            pieces.append([])
+            new_width = len(context.input_ids)
+        pieces[-1].append(i)
+        width = new_width
+    return pieces
+
+
+def student_token_outputs(
+    model: Any, contexts: list[Example], pad_id: int, want_logits: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi_S of each trained token (and its logits), in the batch's flat token order."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(contexts, pad_id).items()}
+    logits_BLV = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    rows, cols = [], []
+    for b, context in enumerate(contexts):
+        for start, end in context.spans:
+            rows.extend([b] * (end - start))
+            cols.extend(range(start - 1, end - 1))  # the logits that predict each token
+    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    logits_NV = logits_BLV[rows_t, cols_t].float()
+    targets_N = batch["input_ids"][rows_t, cols_t + 1]
+    logprobs_N = torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N[:, None])[:, 0]
+    return logprobs_N.cpu(), (logits_NV if want_logits else None)
+
+
+def train_on_batch(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: Batch,
+    config: TrainConfig,
+    pad_id: int,
+) -> dict[str, float]:
+    """``loss.substeps`` optimizer steps on the batch; returns the step's loss metrics."""
+    switches = switches_of(config.loss)
+    s_T = turn_scores(batch.teacher_top1_N, batch.turn_N, batch.labels, switches)
+    w_N = token_weights(s_T, batch.turn_N, switches)
+    skipped = bool(w_N.sum() == 0)
+    metrics: dict[str, float] = {
+        "tokens": float(len(batch.turn_N)),
+        "skipped": float(skipped),
+        "advantage_mean": float((batch.teacher_logprobs_N - batch.old_logprobs_N).mean()),
+        "kl_estimate": float((batch.old_logprobs_N - batch.teacher_logprobs_N).mean()),
+        "mean_turn_score": float(s_T.mean()) if len(s_T) else 0.0,
+        "mean_token_weight": float(w_N.sum()),
+    }
+    if skipped:  # no turn is supervised: nothing to learn, never a NaN
+        metrics.update(loss=0.0, grad_norm=0.0)
+        return metrics
+    bounds = list(itertools.accumulate(batch.context_tokens, initial=0))
+    device = next(model.parameters()).device
+    for _ in range(config.loss.substeps):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for piece in _pieces(batch):
+            start, end = bounds[piece[0]], bounds[piece[-1] + 1]
+            logprobs_N, logits_NV = student_token_outputs(
+                model, [batch.contexts[i] for i in piece], pad_id, config.loss.top_k > 0
+            )
+            if config.loss.top_k > 0:
+                assert batch.topk_ids_NK is not None and batch.topk_logprobs_NK is not None
+                assert logits_NV is not None
+                k = min(len(ids) for ids in batch.topk_ids_NK[start:end])
+                ids = torch.tensor([row[:k] for row in batch.topk_ids_NK[start:end]], device=device)
+                lps = torch.tensor(
+                    [row[:k] for row in batch.topk_logprobs_NK[start:end]], device=device
+                )
+                loss_N = topk_reverse_kl(logits_NV, ids, lps).cpu()
+            else:
+                loss_N, _ = token_loss(
+                    logprobs_N,
+                    batch.old_logprobs_N[start:end],
+                    batch.teacher_logprobs_N[start:end],
+                    switches.ppo_clip,
+                )
+            piece_loss = (w_N[start:end] * loss_N).sum()
+            piece_loss.backward()
+            total += piece_loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+    scheduler.step()
+    metrics.update(loss=total, grad_norm=float(grad_norm))
+    return metrics
+
+
+def label_metrics(episodes: list[SupervisedEpisode]) -> dict[str, float]:
+    labels = Counter(label for e in episodes for label in e.labels)
+    n = max(1, sum(labels.values()))
+    forced = sum(f for e in episodes for f in e.forced)
+    top1 = [p for e in episodes for turn in e.teacher_top1 for p in turn]
+    return {
+        "label_skip": labels["Skip"] / n,
+        "label_weak": labels["Weak"] / n,
+        "label_strong": labels["Strong"] / n,
+        "forced_strong": forced / n,
+        "teacher_confidence": sum(top1) / max(1, len(top1)),
+        "teacher_tokens": float(sum(e.tokens_forwarded for e in episodes)),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    folder = out_dir / "checkpoints"
+    return sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoints/step-N atomically (a temporary folder renamed at the end)."""
+    folder = out_dir / "checkpoints"
+    final = folder / f"step-{step:06d}"
+    building = folder / f".building-{step:06d}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    model.save_pretrained(building)
+    tokenizer.save_pretrained(building)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        **extra,
+    }
+    torch.save(state, building / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    building.rename(final)
+    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.progress = progress
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(config.device)
+        latest = checkpoint_dirs(self.out_dir)
+        source = str(latest[-1]) if latest else config.student
+        dtype = getattr(torch, config.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=dtype).to(self.device)
+        self.renderer = ChatRenderer(self.tokenizer, show_admissible=config.show_admissible)
+        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(
+                step, config.steps, config.warmup_steps, config.min_lr_ratio
+            ),
+        )
+        self.step = 0  # steps done
+        self.teacher_tokens = 0
+        self.episodes_seen = 0
+        if latest:
+            state = torch.load(latest[-1] / STATE_FILE, weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])
+            self.step = state["step"]
+            self.teacher_tokens = state.get("teacher_tokens", 0)
+            self.episodes_seen = state.get("episodes_seen", 0)
+            self._truncate_metrics(self.step)
+            log.info("resuming from %s at step %d", latest[-1], self.step + 1)
+        (self.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        self.writer = _tensorboard(self.out_dir / "tensorboard")
+
+    # --- bookkeeping
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Forget metrics logged after the checkpoint a resume starts from."""
+        path = self.out_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        with (self.out_dir / METRICS_FILE).open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            {"teacher_tokens": self.teacher_tokens, "episodes_seen": self.episodes_seen},
+            self.config.keep_checkpoints,
+        )
+
+    # --- phases
+
+    def task_ids(self, step: int, split_size: int) -> list[int]:
+        rng = random.Random(f"{self.config.seed}:{step}")
+        count = min(self.config.episodes_per_step, split_size)
+        return rng.sample(range(split_size), count)
+
+    async def collect(
+        self, env: EnvClient, supervisor: Supervisor, task_ids: list[int]
+    ) -> list[SupervisedEpisode]:
+        config = self.config
+        self.model.eval()
+        async with BatchedGenerator(
+            self.model,
+            self.tokenizer,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=config.seed * 100_003 + self.step,
+        ) as generator:
+
+            async def one(task_id: int) -> SupervisedEpisode:
+                record = await run_episode(
+                    env,
+                    generator.generate,
+                    self.renderer,
+                    config.train_split,  # type: ignore[arg-type]
+                    task_id,
+                    config.history,
+                    config.max_turns,
+                    config.env,
+                )
+                return await supervisor.supervise(record)
+
+            return await play_many(one, task_ids, config.concurrency, "rollouts", False)
+
+    async def evaluate(self, env_url: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        self.model.eval()
+        for split in self.config.eval_splits:
+            result = await evaluate_model(
+                self.model,
+                self.tokenizer,
+                env_url,
+                split,
+                self.config.history,
+                self.config.max_turns,
+                self.config.eval_tasks,
+                progress=False,
+                env_name=self.config.env,
+                show_admissible=self.config.show_admissible,
+            )
+            for key in ("success", "avg_turns", "invalid_rate", "repeated_rate"):
+                out[f"eval_{split}_{key}"] = float(getattr(result, key))
+        return out
+
+    async def run(
+        self, on_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Train until ``config.steps``; ``on_step(row)`` is awaited after each step's log."""
+        config = self.config
+        logged: list[dict[str, Any]] = []
+        async with AsyncExitStack() as stack:
+            env = await stack.enter_async_context(EnvClient(config.env_url, max_connections=64))
+            teachers = [
+                await stack.enter_async_context(TeacherClient(url, client_id=config.out_dir))
+                for url in config.teacher_urls
+            ]
+            supervisor = Supervisor(teachers, config, fingerprint_of(self.tokenizer))
+            for index in range(len(teachers)):  # before the first step: same vocabulary?
+                await supervisor.check(index)
+            sizes = {e.name: e.splits for e in (await env.environments()).environments}
+            if config.env not in sizes:
+                raise ValueError(f"the env service has no environment {config.env!r}")
+            split_size = sizes[config.env][config.train_split]
+            if self.step == 0:
+                first = {"step": 0, **await self.evaluate(config.env_url)}
+                self.log_metrics(first)
+                logged.append(first)
+            bar = tqdm(
+                total=config.steps, initial=self.step, desc="train", disable=not self.progress
+            )
+            while self.step < config.steps:
+                step = self.step + 1
+                started = time.perf_counter()
+                try:
+                    episodes = await self.collect(env, supervisor, self.task_ids(step, split_size))
+                except TeacherVocabularyChanged:
+                    path = self.checkpoint()
+                    log.error(
+                        "teacher vocabulary changed; checkpoint of step %d at %s", self.step, path
+                    )
+                    raise
+                collected = time.perf_counter()
+                self.model.train()
+                batch = build_batch(self.renderer, episodes, config)
+                metrics = train_on_batch(
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    batch,
+                    config,
+                    self.tokenizer.pad_token_id,
+                )
+                trained = time.perf_counter()
+                self.step = step
+                self.episodes_seen += len(episodes)
+                labels = label_metrics(episodes)
+                self.teacher_tokens += int(labels["teacher_tokens"])
+                rollouts = summarize(config.train_split, [e.record for e in episodes])
+                models = sorted({(e.model.name, e.model.revision) for e in episodes})
+                row: dict[str, Any] = {
+                    "step": step,
+                    **metrics,
+                    **labels,
+                    "teacher_tokens_total": self.teacher_tokens,
+                    "episodes_total": self.episodes_seen,
+                    "train_success": rollouts.success,
+                    "train_avg_turns": rollouts.avg_turns,
+                    "train_invalid_rate": rollouts.invalid_rate,
+                    "train_repeated_rate": rollouts.repeated_rate,
+                    "teacher_model": models[-1][0],
+                    "teacher_revision": models[-1][1],
+                    "teacher_revisions": [revision for _, revision in models],
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "time_collect_s": collected - started,
+                    "time_train_s": trained - collected,
+                }
+                last = step == config.steps
+                if last or (config.eval_every and step % config.eval_every == 0):
+                    eval_start = time.perf_counter()
+                    row.update(await self.evaluate(config.env_url))
+                    row["time_eval_s"] = time.perf_counter() - eval_start
+                if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    self.checkpoint()
+                self.log_metrics(row)
+                logged.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", success=f"{rollouts.success:.0%}")
+                if on_step is not None:
+                    await on_step(row)
+            bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return logged
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the trainer extra; without it, JSONL only
+        return None
+    return SummaryWriter(str(folder))
+
+
+def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) the training of ``config``; returns the metrics rows logged."""
+    return asyncio.run(Trainer(config, progress).run())
