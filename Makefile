@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python benchmarks/teacher_overhead.py
 	$(BIN)/python benchmarks/micro_batching.py
 	$(BIN)/python benchmarks/linear_teacher_cost.py
+	$(BIN)/python benchmarks/rollout_overlap.py
+	$(BIN)/python benchmarks/train_step_overhead.py
 
 demo: install
 	$(BIN)/sage-opd demo

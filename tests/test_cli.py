@@ -52,3 +52,38 @@ def test_python_m_services_teacher_serves_a_model_on_loopback(tiny_model_dir) ->
         assert teacher.url.startswith("http://127.0.0.1:")
         models = httpx.get(f"{teacher.url}/v1/models").json()["models"]
     assert models[0]["name"] == "tiny" and models[0]["active"]
+
+
+def test_up_starts_env_and_teacher_on_loopback_and_stops_them_on_interrupt(tiny_model_dir) -> None:  # noqa: ANN001
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer.stack import free_port
+
+    env_port, teacher_port = free_port(), free_port()
+    command = [sys.executable, "-m", "trainer.cli", "up", "--teacher", str(tiny_model_dir)]
+    command += ["--env-port", str(env_port), "--teacher-port", str(teacher_port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while len(lines) < 2 and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if "ready at" in line:
+                lines.append(line)
+        assert any(f"127.0.0.1:{env_port}" in line for line in lines)
+        assert any(f"127.0.0.1:{teacher_port}" in line for line in lines)
+        for port in (env_port, teacher_port):
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    for port in (env_port, teacher_port):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            raise AssertionError(f"port {port} still serves after up stopped")
+        except httpx.ConnectError:
+            pass

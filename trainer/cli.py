@@ -225,20 +225,42 @@ def up(
 
 @app.command("demo")
 def demo(
-    split: str = typer.Option("valid_unseen"),
+    prepare_config: str = typer.Option("configs/prepare-demo.yaml", help="The tiny models."),
+    train_config: str = typer.Option("configs/train-demo.yaml", help="The SAGE-OPD run."),
+    set_: list[str] = typer.Option([], "--set", help="Override a train field."),
+    out: str = typer.Option("runs/demo", help="Runs go to OUT/<time>."),
 ) -> None:
-    """Bring the local stack up on loopback and show the reference policies' success."""
+    """The local stack on loopback and a short SAGE-OPD run; success before and after.
+
+    Prepares the tiny teacher and student (cached under artifacts/), starts the env
+    service and a teacher service serving the prepared teacher, trains the student.
+    """
+    from pathlib import Path
+
+    from trainer.config import PrepareConfig, TrainConfig, load_config
+    from trainer.prepare import prepare
     from trainer.stack import local_stack
+    from trainer.train import train
 
     start = time.perf_counter()
-    with local_stack() as services:
-        url = services["env"].url
-        typer.echo(f"env service ready at {url}")
-        results = {}
-        for policy in ("expert", "random"):
-            results[policy] = asyncio.run(_play(url, policy, split, "household", 0, 16))  # type: ignore[arg-type]
-    for policy, (rate, count) in results.items():
-        typer.echo(f"{policy:>6} policy on household/{split}: success {rate:6.1%} ({count} tasks)")
+    folder = prepare(load_config(PrepareConfig, prepare_config), evaluate=False)
+    typer.echo(f"models: {folder} ({time.perf_counter() - start:.0f}s)")
+    with local_stack(teacher=str(folder / "teacher")) as services:
+        env_url, teacher_url = services["env"].url, services["teacher"].url
+        typer.echo(f"env service at {env_url}, teacher service at {teacher_url}")
+        expert, count = asyncio.run(_play(env_url, "expert", "valid_unseen", "household", 0, 16))
+        typer.echo(f"expert policy on household/valid_unseen: success {expert:.1%} ({count} tasks)")
+        run_dir = Path(out) / time.strftime("%Y%m%d-%H%M%S")
+        overrides = [
+            f"student={folder / 'student-init'}",
+            f"teacher_urls=[{teacher_url}]",
+            f"env_url={env_url}",
+            f"out_dir={run_dir}",
+            *set_,
+        ]
+        rows = train(load_config(TrainConfig, train_config, overrides))
+    typer.echo(f"SAGE-OPD student, before -> after ({run_dir}):")
+    typer.echo(_result_lines(rows))
     typer.echo(f"done in {time.perf_counter() - start:.1f}s")
 
 

@@ -38,6 +38,7 @@ class SFTConfig(Frozen):
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    context_weight: float = 0.0  # > 0: also language-model the context tokens (see sft.py)
     seed: int = 0
 
 
@@ -50,6 +51,7 @@ class DataConfig(Frozen):
     judge_tasks: int = 1500  # noisy episodes whose turns become judge examples
     judge_noise: float = 0.5
     judge_holdout: float = 0.1  # share of judge examples kept out of training
+    judge_turns_per_episode: int | None = None  # None: every turn; k: k label-balanced turns
     student_tasks: int = 40  # expert episodes for the student's warm start
     seed: int = 0
 

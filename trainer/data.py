@@ -180,17 +180,46 @@ def agent_sequences(
 
 
 def judge_examples(
-    renderer: ChatRenderer, trajectories: list[Trajectory], history: History
+    renderer: ChatRenderer,
+    trajectories: list[Trajectory],
+    history: History,
+    per_episode: int | None = None,
+    seed: int = 0,
 ) -> list[tuple[list[int], list[int], Label]]:
-    """(judge prompt, label token, label) for every executed action."""
+    """(judge prompt, label token, label) for the executed actions.
+
+    Every turn, or ``per_episode`` turns of each trajectory picked to balance the
+    labels (one of each label in turn, at random within a label): with the whole
+    history each judge prompt holds the episode so far, so all turns would cost
+    quadratically many tokens.
+    """
     label_ids = renderer.label_ids()
+    rng = random.Random(seed)
     out = []
     for trajectory in trajectories:
         turns = executed_turns(renderer, trajectory)
-        for t, step in enumerate(trajectory.steps):
+        chosen = range(len(trajectory.steps))
+        if per_episode is not None:
+            chosen = _balanced_turns(trajectory, per_episode, rng)
+        for t in chosen:
+            step = trajectory.steps[t]
             prompt = renderer.judge_prompt(trajectory.task, turns[: t + 1], history)
             out.append((prompt, [label_ids[step.label]], step.label))
     return out
+
+
+def _balanced_turns(trajectory: Trajectory, count: int, rng: random.Random) -> list[int]:
+    by_label: dict[str, list[int]] = {}
+    for t, step in enumerate(trajectory.steps):
+        by_label.setdefault(step.label, []).append(t)
+    for group in by_label.values():
+        rng.shuffle(group)
+    picked: list[int] = []
+    while len(picked) < count and any(by_label.values()):
+        for group in by_label.values():
+            if group and len(picked) < count:
+                picked.append(group.pop())
+    return sorted(picked)
 
 
 def corpus(trajectories: list[Trajectory]) -> list[str]:

@@ -29,7 +29,7 @@ from client.env import EnvClient
 from client.prompts import ChatRenderer
 from client.protocol import LABELS
 from trainer.config import PrepareConfig, SFTConfig
-from trainer.data import Trajectory, agent_examples, corpus, gather, judge_examples
+from trainer.data import Trajectory, agent_sequences, corpus, gather, judge_examples
 from trainer.evaluate import EvalResult, summarize
 from trainer.models import build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator, run_episodes
@@ -187,13 +187,19 @@ def prepare(
         renderer.label_ids()  # refuse now, not after training, if a label is several tokens
         timings["tokenizer_s"] = time.perf_counter() - start
 
-        teacher_agent = agent_examples(
+        teacher_agent = agent_sequences(
             renderer, trajectories["expert"] + trajectories["recovery"], config.history
         )
-        judged = judge_examples(renderer, trajectories["judge"], config.history)
+        judged = judge_examples(
+            renderer,
+            trajectories["judge"],
+            config.history,
+            config.data.judge_turns_per_episode,
+            config.data.seed,
+        )
         holdout = max(1, int(len(judged) * config.data.judge_holdout))
         judge_train, judge_test = judged[holdout:], judged[:holdout]
-        teacher_examples = [Example.prompt_and_target(p, t) for p, t in teacher_agent] + [
+        teacher_examples = teacher_agent + [
             Example.prompt_and_target(p, t) for p, t, _ in judge_train
         ]
         teacher, teacher_log, timings["teacher_sft_s"] = train_model(
@@ -209,10 +215,7 @@ def prepare(
         (building / "teacher" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
 
-        student_examples = [
-            Example.prompt_and_target(p, t)
-            for p, t in agent_examples(renderer, trajectories["student"], config.history)
-        ]
+        student_examples = agent_sequences(renderer, trajectories["student"], config.history)
         student, student_log, timings["student_sft_s"] = train_model(
             "student sft",
             tokenizer,

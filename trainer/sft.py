@@ -74,15 +74,28 @@ def token_batches(
     return batches
 
 
-def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the learned tokens of the batch."""
+def response_loss(
+    model: Any, batch: dict[str, torch.Tensor], context_weight: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy over the learned tokens of the batch.
+
+    ``context_weight`` > 0 adds that times the mean cross-entropy of every other
+    real token (system prompt, observations, template): language modelling of the
+    environment's text, the pre-training a model built from scratch lacks.
+    """
     logits_BLV = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
-    targets_BL = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits_BLV[:, :-1].flatten(0, 1).float(), targets_BL.flatten(), ignore_index=IGNORE
-    )
+    logits_NV = logits_BLV[:, :-1].flatten(0, 1).float()
+    targets_N = batch["labels"][:, 1:].flatten()
+    loss = torch.nn.functional.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE)
+    if context_weight > 0:
+        real_N = batch["attention_mask"][:, 1:].flatten().bool() & (targets_N == IGNORE)
+        context_N = torch.where(real_N, batch["input_ids"][:, 1:].flatten(), IGNORE)
+        if real_N.any():
+            context = torch.nn.functional.cross_entropy(logits_NV, context_N, ignore_index=IGNORE)
+            loss = loss + context_weight * context
+    return loss
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -135,7 +148,7 @@ def sft(
     bar = tqdm(plan, desc=desc, disable=not progress, leave=False)
     for step, examples_in_batch in enumerate(bar):
         batch = {k: v.to(device) for k, v in collate(examples_in_batch, pad_id).items()}
-        loss = response_loss(model, batch)
+        loss = response_loss(model, batch, config.context_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -123,25 +123,21 @@ class Supervisor:
         # The judge is asked only when its verdicts are used (OPD never reads them).
         self.judge = config.loss.kind == "sage" and config.loss.intervention
 
-    async def check(self, index: int, ref: ModelRef | None = None) -> ModelRef:
+    async def check(self, index: int) -> None:
         """Check the vocabulary of teacher ``index``'s active model (once per model revision)."""
         active = await self.teachers[index].active_model()
         key = (index, active.name, active.revision)
-        if ref is not None and (ref.name, ref.revision) != (active.name, active.revision):
-            # It swapped again since answering; check the model that answered is gone
-            # too by checking the active one (what the next calls will get).
-            key = (index, ref.name, ref.revision)
-        if key not in self.checked:
-            assert active.fingerprint is not None
-            try:
-                check_same_vocabulary(self.student_fingerprint, active.fingerprint)
-            except VocabularyMismatch as exc:
-                raise TeacherVocabularyChanged(
-                    f"teacher {self.teachers[index].base_url} serves {active.name} "
-                    f"(revision {active.revision}): {exc}"
-                ) from exc
-            self.checked.add(key)
-        return ModelRef(name=active.name, revision=active.revision)
+        if key in self.checked:
+            return
+        assert active.fingerprint is not None
+        try:
+            check_same_vocabulary(self.student_fingerprint, active.fingerprint)
+        except VocabularyMismatch as exc:
+            raise TeacherVocabularyChanged(
+                f"teacher {self.teachers[index].base_url} serves {active.name} "
+                f"(revision {active.revision}): {exc}"
+            ) from exc
+        self.checked.add(key)
 
     def wire_turns(self, record: EpisodeRecord) -> list[EpisodeTurn]:
         """The turns as the student saw them (no admissible list if it was not shown one)."""
@@ -164,7 +160,7 @@ class Supervisor:
             await self.check(index)  # a model with another vocabulary refuses our ids
             raise
         if (index, answer.model.name, answer.model.revision) not in self.checked:
-            await self.check(index, answer.model)
+            await self.check(index)  # a model not seen before answered: same vocabulary?
         labels, forced = [], []
         for turn, scored in zip(record.turns, answer.turns, strict=True):
             if len(scored.scores.logprobs) != len(turn.response_ids):
@@ -421,7 +417,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=dtype).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
         self.renderer = ChatRenderer(self.tokenizer, show_admissible=config.show_admissible)
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

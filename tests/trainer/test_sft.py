@@ -88,3 +88,22 @@ def test_two_sft_steps_lower_the_loss_of_smollm2() -> None:
     example = Example(rendered.input_ids, rendered.spans)
     losses = repeated_batch_losses(model, [example], tokenizer.pad_token_id, lr=2e-5)
     assert losses[-1] < losses[0]
+
+
+def test_context_weight_adds_that_much_of_the_context_tokens_mean_cross_entropy(
+    tiny_model_dir: Path,
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    example = Example([5, 6, 7, 8, 9, 10], [(4, 6)])
+    batch = collate([example, Example([5, 6, 7], [(2, 3)])], pad_id=0)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([example.input_ids])).logits[0], -1)
+        plain = response_loss(model, batch)
+        weighted = response_loss(model, batch, context_weight=0.5)
+        short = torch.log_softmax(model(torch.tensor([[5, 6, 7]])).logits[0], -1)
+    ids = example.input_ids
+    # Context tokens predicted: 6, 7, 8 of the first example and 6 of the second
+    # (the first token of each has no prefix; padding and response tokens are not context).
+    context = [-logprobs[p - 1, ids[p]].item() for p in (1, 2, 3)] + [-short[0, 6].item()]
+    expected = plain.item() + 0.5 * sum(context) / len(context)
+    assert weighted.item() == pytest.approx(expected, rel=1e-5)

@@ -77,6 +77,7 @@ def test_two_steps_train_checkpoint_and_resume_at_the_next_step(
             assert row["grad_norm"] > 0
     assert "eval_valid_seen_success" in logged[0] and "eval_valid_seen_success" in logged[-1]
     assert [p.name for p in checkpoint_dirs(out)] == ["step-000001", "step-000002"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     weights_before = (checkpoint_dirs(out)[-1] / "model.safetensors").read_bytes()
     assert weights_before != (tiny_model_dir / "model.safetensors").read_bytes()
 
