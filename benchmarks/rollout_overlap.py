@@ -57,9 +57,7 @@ async def collect(
         supervisor = Supervisor([teacher], config, fingerprint_of(tokenizer))
 
         async def one(task_id: int) -> object:
-            record = await run_episode(
-                env, generator.generate, renderer, "train", task_id, None, turns
-            )
+            record = await run_episode(env, generator, renderer, "train", task_id, None, turns)
             return await supervisor.supervise(record)
 
         if pipeline:

@@ -101,7 +101,7 @@ async def evaluate_model(
         async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
             episodes = await run_episodes(
                 env,
-                generator.generate,
+                generator,
                 renderer,
                 split,  # type: ignore[arg-type]
                 list(range(count)),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,12 +76,21 @@ class BatchedGenerator:
         temperature: float = 1.0,
         max_batch: int = 64,
         seed: int = 0,
+        gather_s: float = 0.25,
     ) -> None:
+        """Episodes played with this generator as their policy (run_episode) are counted
+        while in flight; a batch waits until every one of them has its prompt in, or
+        ``gather_s`` has passed since the first (an episode slow in the environment or
+        at the teacher does not hold the others up for longer). Without the wait the
+        episodes split into groups that stay out of phase: a generate takes far
+        longer than an env step, and each group waits for the other's generate."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.max_batch = max_batch
+        self.gather_s = gather_s
+        self.in_flight = 0  # episodes playing with this generator (see episode())
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -100,6 +109,16 @@ class BatchedGenerator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
+    @contextlib.asynccontextmanager
+    async def episode(self) -> AsyncIterator[None]:
+        """Count an episode as in flight (its next prompt is awaited before a batch starts)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._wakeup.set()
+
     async def generate(self, prompt_ids: list[int]) -> Sample:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((prompt_ids, future))
@@ -111,7 +130,13 @@ class BatchedGenerator:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            deadline = asyncio.get_running_loop().time() + self.gather_s
             await asyncio.sleep(0)  # let every episode that is ready join this batch
+            while len(self._pending) < min(self.in_flight, self.max_batch):
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(left, 0.002))
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
                 samples = await asyncio.to_thread(self.generate_now, [p for p, _ in batch])
@@ -180,9 +205,16 @@ def _seeded(generator: torch.Generator):  # noqa: ANN202
 Policy = Callable[[list[int]], Awaitable[Sample]]
 
 
+def _tracking(policy: Policy | BatchedGenerator) -> tuple[Policy, Any]:
+    """The policy's generate function, and a context that counts the episode in flight."""
+    if isinstance(policy, BatchedGenerator):
+        return policy.generate, policy.episode()
+    return policy, contextlib.nullcontext()
+
+
 async def run_episode(
     env: EnvClient,
-    policy: Policy,
+    policy: Policy | BatchedGenerator,
     renderer: ChatRenderer,
     split: Split,
     task_id: int,
@@ -190,8 +222,16 @@ async def run_episode(
     max_turns: int | None = None,
     env_name: str = "household",
 ) -> EpisodeRecord:
-    """Play one task with ``policy`` (prompt ids -> sample) until done; close the session."""
-    async with env.open_session(env_name, split, task_id, max_turns=max_turns) as created:
+    """Play one task with ``policy`` until done; close the session.
+
+    ``policy``: a BatchedGenerator (the episode is counted in flight, so batches wait
+    for it) or any async function from prompt ids to a sample.
+    """
+    policy, in_flight = _tracking(policy)
+    async with (
+        in_flight,
+        env.open_session(env_name, split, task_id, max_turns=max_turns) as created,
+    ):
         record = EpisodeRecord(split, task_id, created.task.goal, created.task.task_type)
         result = created.first
         while not result.done:
@@ -229,7 +269,7 @@ async def run_episode(
 
 async def run_episodes(
     env: EnvClient,
-    policy: Policy,
+    policy: Policy | BatchedGenerator,
     renderer: ChatRenderer,
     split: Split,
     task_ids: list[int],

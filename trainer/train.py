@@ -497,7 +497,7 @@ class Trainer:
             async def one(task_id: int) -> SupervisedEpisode:
                 record = await run_episode(
                     env,
-                    generator.generate,
+                    generator,
                     self.renderer,
                     config.train_split,  # type: ignore[arg-type]
                     task_id,

@@ -31,7 +31,7 @@ async def test_recomputed_logprobs_of_sampled_tokens_match_the_sampling_logprobs
         BatchedGenerator(model, tokenizer, max_new_tokens=8, temperature=1.0, seed=0) as generator,
     ):
         episodes = await run_episodes(
-            env, generator.generate, renderer, "train", [0, 1, 2, 3], history=history, max_turns=3
+            env, generator, renderer, "train", [0, 1, 2, 3], history=history, max_turns=3
         )
     assert max(generator.batches) > 1  # episodes waiting together were generated together
     compared = 0
@@ -68,7 +68,7 @@ async def test_a_random_model_rarely_names_admissible_actions_and_the_summary_sa
         BatchedGenerator(model, tokenizer, temperature=0.0) as generator,
     ):
         episodes = await run_episodes(
-            env, generator.generate, ChatRenderer(tokenizer), "valid_seen", [0, 1], max_turns=2
+            env, generator, ChatRenderer(tokenizer), "valid_seen", [0, 1], max_turns=2
         )
     result = summarize("valid_seen", episodes)
     assert result.episodes == 2 and result.avg_turns == 2.0 and result.success == 0.0
