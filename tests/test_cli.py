@@ -87,3 +87,37 @@ def test_up_starts_env_and_teacher_on_loopback_and_stops_them_on_interrupt(tiny_
             raise AssertionError(f"port {port} still serves after up stopped")
         except httpx.ConnectError:
             pass
+
+
+def test_a_service_started_by_a_killed_process_stops_too() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from trainer.stack import local_service\n"
+        "with local_service('env', 'services.env') as s:\n"
+        "    print(s.url, flush=True)\n"
+        "    import time; time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        url = ""
+        while not url.startswith("http://"):  # the service shares the parent's stdout
+            line = parent.stdout.readline()
+            assert line, "the parent exited before its service was ready"
+            url = line.strip()
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        parent.send_signal(signal.SIGKILL)  # no cleanup code runs in the parent
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/readyz", timeout=1)
+            except httpx.ConnectError:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{url} still serves after the process that started it was killed")
+    finally:
+        parent.kill()

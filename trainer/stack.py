@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +48,14 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the service at {url} was not ready after {timeout_s:.0f}s")
 
 
+def _stop_with_parent() -> None:  # runs in the child between fork and exec
+    """On Linux, the service gets SIGTERM when the process that started it dies, even
+    by SIGKILL, so a killed trainer or demo leaves no service behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextmanager
 def local_service(
     name: str,
@@ -58,7 +69,9 @@ def local_service(
     """Run ``python -m module --host H --port P ...`` until the block exits."""
     port = port or free_port(host)
     command = [sys.executable, "-m", module, "--host", host, "--port", str(port), *(args or [])]
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, preexec_fn=_stop_with_parent
+    )
     url = f"http://{host}:{port}"
     try:
         wait_ready(url, process, ready_timeout_s)
