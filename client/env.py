@@ -37,6 +37,13 @@ class EnvClient(JsonClient):
     async def environments(self) -> EnvironmentList:
         return await self.call("GET", f"{API_PREFIX}/envs", EnvironmentList, idempotent=True)
 
+    async def split_size(self, env: str, split: str) -> int:
+        """How many tasks ``env`` has in ``split``; LookupError naming what is served."""
+        sizes = {e.name: e.splits for e in (await self.environments()).environments}
+        if split not in sizes.get(env, {}):
+            raise LookupError(f"{self.base_url} serves {sizes}; no {env}/{split}")
+        return sizes[env][split]
+
     async def create_session(
         self,
         env: str = "household",

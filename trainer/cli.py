@@ -83,11 +83,11 @@ async def _play(
     from trainer.baselines import play_split, success_rate
 
     async with EnvClient(url) as client:
-        listing = await client.environments()
-        sizes = {e.name: e.splits for e in listing.environments}
-        if env not in sizes or split not in sizes[env]:
-            raise typer.BadParameter(f"{url} serves {sizes}; no {env}/{split}")
-        count = sizes[env][split] if limit <= 0 else min(limit, sizes[env][split])
+        try:
+            size = await client.split_size(env, split)
+        except LookupError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        count = size if limit <= 0 else min(limit, size)
         episodes = await play_split(client, policy, split, list(range(count)), env, concurrency)  # type: ignore[arg-type]
     return success_rate(episodes), len(episodes)
 

@@ -96,8 +96,8 @@ async def evaluate_model(
     """Greedy success of ``model`` on ``split`` (all tasks, or the first ``limit``)."""
     renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
     async with EnvClient(env_url, max_connections=64) as env:
-        sizes = {e.name: e.splits for e in (await env.environments()).environments}
-        count = sizes[env_name][split] if limit is None else min(limit, sizes[env_name][split])
+        size = await env.split_size(env_name, split)
+        count = size if limit is None else min(limit, size)
         async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
             episodes = await run_episodes(
                 env,

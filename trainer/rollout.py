@@ -136,7 +136,11 @@ class BatchedGenerator:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
-                await asyncio.sleep(min(left, 0.002))
+                # generate() and an episode's end set the event; nothing runs between
+                # the check above and this clear, so no wake-up is lost.
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), left)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:
                 samples = await asyncio.to_thread(self.generate_now, [p for p, _ in batch])

@@ -22,6 +22,7 @@ stops with TeacherVocabularyChanged (the scores could not be read any more).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -94,9 +95,7 @@ def forced_label(turn: TurnRecord, repeated_is_strong: bool) -> bool:
 
 def switches_of(loss: LossConfig) -> LossSwitches:
     if loss.kind == "opd":
-        return LossSwitches(
-            intervention=False, confidence=False, normalization=False, ppo_clip=loss.ppo_clip
-        )
+        return dataclasses.replace(LossSwitches.opd(), ppo_clip=loss.ppo_clip)
     return LossSwitches(
         intervention=loss.intervention,
         confidence=loss.confidence,
@@ -192,7 +191,6 @@ class Batch:
     """The step's trained tokens, flat (suffix _N), and the contexts that hold them."""
 
     contexts: list[Example]  # each context's trained spans, in token order
-    context_tokens: list[int]  # trained tokens per context (to cut the flat tensors)
     old_logprobs_N: torch.Tensor
     teacher_logprobs_N: torch.Tensor
     teacher_top1_N: torch.Tensor
@@ -205,7 +203,7 @@ class Batch:
 def build_batch(
     renderer: ChatRenderer, episodes: list[SupervisedEpisode], config: TrainConfig
 ) -> Batch:
-    contexts, counts, old, teacher, top1, turn_index = [], [], [], [], [], []
+    contexts, old, teacher, top1, turn_index = [], [], [], [], []
     labels: list[Label] = []
     topk_ids: list[list[int]] = []
     topk_logprobs: list[list[float]] = []
@@ -214,7 +212,6 @@ def build_batch(
         offset = len(labels)
         labels.extend(episode.labels)
         for context in renderer.contexts(record.task, record.episode_turns(), config.history):
-            n = 0
             for t, (start, end) in zip(context.turns, context.spans, strict=True):
                 turn = record.turns[t]
                 old.extend(turn.sampling_logprobs)
@@ -224,13 +221,10 @@ def build_batch(
                 if episode.topk_ids is not None and episode.topk_logprobs is not None:
                     topk_ids.extend(episode.topk_ids[t])
                     topk_logprobs.extend(episode.topk_logprobs[t])
-                n += end - start
             contexts.append(Example(context.input_ids, context.spans))
-            counts.append(n)
     top_k = config.loss.top_k > 0
     return Batch(
         contexts=contexts,
-        context_tokens=counts,
         old_logprobs_N=torch.tensor(old, dtype=torch.float32),
         teacher_logprobs_N=torch.tensor(teacher, dtype=torch.float32),
         teacher_top1_N=torch.tensor(top1, dtype=torch.float32),
@@ -300,7 +294,9 @@ def train_on_batch(
     if skipped:  # no turn is supervised: nothing to learn, never a NaN
         metrics.update(loss=0.0, grad_norm=0.0)
         return metrics
-    bounds = list(itertools.accumulate(batch.context_tokens, initial=0))
+    # Where each context's tokens start in the flat tensors.
+    trained = (sum(end - start for start, end in c.spans) for c in batch.contexts)
+    bounds = list(itertools.accumulate(trained, initial=0))
     device = next(model.parameters()).device
     for _ in range(config.loss.substeps):
         optimizer.zero_grad(set_to_none=True)
@@ -544,10 +540,7 @@ class Trainer:
             supervisor = Supervisor(teachers, config, fingerprint_of(self.tokenizer))
             for index in range(len(teachers)):  # before the first step: same vocabulary?
                 await supervisor.check(index)
-            sizes = {e.name: e.splits for e in (await env.environments()).environments}
-            if config.env not in sizes:
-                raise ValueError(f"the env service has no environment {config.env!r}")
-            split_size = sizes[config.env][config.train_split]
+            split_size = await env.split_size(config.env, config.train_split)
             if self.step == 0:
                 first = {"step": 0, **await self.evaluate(config.env_url)}
                 self.log_metrics(first)
