@@ -200,6 +200,49 @@ def _result_lines(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@app.command("experiment")
+def experiment_command(
+    grid: str = typer.Option(..., help="YAML grid (configs/grid-*.yaml): methods x seeds."),
+    out: str = typer.Option("runs/grid", help="Runs go to OUT/<method>/seed-<n>."),
+    artifacts: str = typer.Option("artifacts", help="Where prepared models are cached."),
+    quiet: bool = typer.Option(False, help="No progress display."),
+) -> None:
+    """Run a comparison grid side by side against one env and one teacher service.
+
+    Finished runs (a done.json in their folder) are not run again; interrupted ones
+    resume from their newest checkpoint. Then: sage-opd report OUT.
+    """
+    from pathlib import Path
+
+    from trainer.experiment import run_grid
+
+    start = time.perf_counter()
+    failures = run_grid(grid, Path(out), Path(artifacts), progress=not quiet)
+    typer.echo(f"grid done in {(time.perf_counter() - start) / 60:.1f} min: {out}")
+    for failure in failures:
+        typer.echo(f"failed: {failure}", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_command(
+    run_dirs: list[str] = typer.Argument(..., help="Run folders, or folders above runs."),
+    out: str = typer.Option("results/report", help="Writes table.md, PNG plots, runs/."),
+) -> None:
+    """The comparison's markdown table (mean ± std over seeds) and success plots."""
+    from pathlib import Path
+
+    from trainer.report import write_report
+
+    try:
+        path = write_report([Path(p) for p in run_dirs], Path(out))
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(path.read_text())
+    typer.echo(f"written: {path.parent}")
+
+
 @app.command("up")
 def up(
     teacher: str = typer.Option(None, help="Model folder or HF id for the teacher service."),

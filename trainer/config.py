@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -109,7 +109,9 @@ def load_config(model: type[C], path: str | Path | None, overrides: list[str] | 
 class LossConfig(Frozen):
     """METHOD.md's loss: standard OPD, or SAGE-OPD with each part switchable."""
 
-    kind: Literal["opd", "sage"] = "sage"  # opd: every switch below is ignored (all off)
+    # opd: every switch below is ignored (all off). sft: the off-policy baseline, no
+    # teacher service: the student imitates the won episodes of TrainConfig.sft_policy.
+    kind: Literal["opd", "sage", "sft"] = "sage"
     intervention: bool = True  # i_t from the teacher's verdict (off: i_t = 1)
     confidence: bool = True  # c_t, the teacher's mean top-1 probability (off: c_t = 1)
     normalization: bool = True  # divide by sum s_t (off: by the number of tokens)
@@ -135,13 +137,14 @@ class TrainConfig(Frozen):
     max_new_tokens: int = 32
     episodes_per_step: int = Field(16, ge=1)  # one rollout per task, tasks drawn at random
     concurrency: int = 64  # episodes in flight
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=0)  # 0: only the evaluation of the student as it is
     lr: float = 1e-4
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0  # 1.0: a constant learning rate after warm-up
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    eval_at_start: bool = True  # false: no evaluation before the first step (a grid shares one)
     eval_splits: list[str] = ["valid_seen", "valid_unseen"]
     eval_tasks: int | None = None  # None: every task of each split
     checkpoint_every: int = 10
@@ -151,3 +154,10 @@ class TrainConfig(Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     loss: LossConfig = LossConfig()
+    sft_policy: str | None = None  # loss.kind sft: the model that plays (e.g. the teacher)
+
+    @model_validator(mode="after")
+    def _sft_needs_a_policy(self) -> TrainConfig:
+        if self.loss.kind == "sft" and not self.sft_policy:
+            raise ValueError("loss.kind sft needs sft_policy: the model whose episodes to imitate")
+        return self

@@ -94,7 +94,7 @@ def forced_label(turn: TurnRecord, repeated_is_strong: bool) -> bool:
 
 
 def switches_of(loss: LossConfig) -> LossSwitches:
-    if loss.kind == "opd":
+    if loss.kind in ("opd", "sft"):  # sft: every imitated token weighs 1 / N_tok
         return dataclasses.replace(LossSwitches.opd(), ppo_clip=loss.ppo_clip)
     return LossSwitches(
         intervention=loss.intervention,
@@ -315,6 +315,8 @@ def train_on_batch(
                     [row[:k] for row in batch.topk_logprobs_NK[start:end]], device=device
                 )
                 loss_N = topk_reverse_kl(logits_NV, ids, lps).cpu()
+            elif config.loss.kind == "sft":
+                loss_N = -logprobs_N
             else:
                 loss_N, _ = token_loss(
                     logprobs_N,
@@ -415,6 +417,14 @@ class Trainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
         self.renderer = ChatRenderer(self.tokenizer, show_admissible=config.show_admissible)
+        # Who plays the episodes: the student itself, or (off-policy SFT) another model.
+        self.policy = self.model
+        if config.loss.kind == "sft":
+            assert config.sft_policy is not None
+            policy_tokenizer = AutoTokenizer.from_pretrained(config.sft_policy)
+            check_same_vocabulary(fingerprint_of(self.tokenizer), fingerprint_of(policy_tokenizer))
+            self.policy = AutoModelForCausalLM.from_pretrained(config.sft_policy, dtype=dtype)
+            self.policy.to(self.device).eval()
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -483,7 +493,7 @@ class Trainer:
         config = self.config
         self.model.eval()
         async with BatchedGenerator(
-            self.model,
+            self.policy,
             self.tokenizer,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
@@ -501,9 +511,28 @@ class Trainer:
                     config.max_turns,
                     config.env,
                 )
+                if config.loss.kind == "sft":
+                    return self.imitation(record)
                 return await supervisor.supervise(record)
 
             return await play_many(one, task_ids, config.concurrency, "rollouts", False)
+
+    def imitation(self, record: EpisodeRecord) -> SupervisedEpisode:
+        """Off-policy SFT's view of an episode: no teacher, the policy's tokens are targets.
+
+        Its teacher tokens are the tokens the policy forwarded to play the episode."""
+        played = self.renderer.contexts(record.task, record.episode_turns(), self.config.history)
+        return SupervisedEpisode(
+            record=record,
+            labels=["Strong"] * len(record.turns),
+            forced=[False] * len(record.turns),
+            teacher_logprobs=[[0.0] * len(t.response_ids) for t in record.turns],
+            teacher_top1=[[1.0] * len(t.response_ids) for t in record.turns],
+            topk_ids=None,
+            topk_logprobs=None,
+            model=ModelRef(name=Path(str(self.config.sft_policy)).name, revision="local"),
+            tokens_forwarded=sum(len(context.input_ids) for context in played),
+        )
 
     async def evaluate(self, env_url: str) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -535,13 +564,13 @@ class Trainer:
             env = await stack.enter_async_context(EnvClient(config.env_url, max_connections=64))
             teachers = [
                 await stack.enter_async_context(TeacherClient(url, client_id=config.out_dir))
-                for url in config.teacher_urls
+                for url in (config.teacher_urls if config.loss.kind != "sft" else [])
             ]
             supervisor = Supervisor(teachers, config, fingerprint_of(self.tokenizer))
             for index in range(len(teachers)):  # before the first step: same vocabulary?
                 await supervisor.check(index)
             split_size = await env.split_size(config.env, config.train_split)
-            if self.step == 0:
+            if self.step == 0 and (config.eval_at_start or config.steps == 0):
                 first = {"step": 0, **await self.evaluate(config.env_url)}
                 self.log_metrics(first)
                 logged.append(first)
@@ -561,7 +590,9 @@ class Trainer:
                     raise
                 collected = time.perf_counter()
                 self.model.train()
-                batch = build_batch(self.renderer, episodes, config)
+                # Off-policy SFT imitates only the episodes its policy won.
+                imitated = [e for e in episodes if e.record.won or config.loss.kind != "sft"]
+                batch = build_batch(self.renderer, imitated, config)
                 metrics = train_on_batch(
                     self.model,
                     self.optimizer,

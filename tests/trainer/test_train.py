@@ -102,6 +102,33 @@ async def test_turns_forced_strong_are_supervised_with_the_teacher_confidence_as
     assert 0 < step["mean_turn_score"] <= 1  # s_t = c_t, the teacher's confidence
 
 
+def test_zero_steps_only_evaluate_the_student(
+    stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    logged = train(small_config(stack, tiny_model_dir, tmp_path / "run", steps=0), progress=False)
+    assert [row["step"] for row in logged] == [0] and "eval_valid_seen_success" in logged[0]
+    assert checkpoint_dirs(tmp_path / "run") == []
+
+
+def test_off_policy_sft_plays_the_policy_and_never_calls_a_teacher(
+    stack: dict[str, str], tiny_model_dir: Path, tiny_model_dir_b: Path, tmp_path: Path
+) -> None:
+    config = small_config(
+        stack,
+        tiny_model_dir,
+        tmp_path / "run",
+        steps=1,
+        teacher_urls=["http://127.0.0.1:9"],  # nothing listens: a call would fail the run
+        sft_policy=str(tiny_model_dir_b),
+        loss=LossConfig(kind="sft"),
+    )
+    step = train(config, progress=False)[-1]
+    assert step["teacher_model"] == tiny_model_dir_b.name and step["teacher_revision"] == "local"
+    assert step["teacher_tokens"] > 0  # what the policy forwarded to play
+    # A random policy wins nothing, and only won episodes are imitated.
+    assert step["train_success"] == 0.0 and step["skipped"] == 1.0
+
+
 async def test_teacher_swap_mid_run_goes_on_and_the_metrics_show_the_new_revision(
     stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -150,3 +150,16 @@ def test_recomputed_logprobs_follow_the_flat_token_order(tiny_model_dir: Path) -
                 expected += [lp[p - 1, context.input_ids[p]].item() for p in range(start, end)]
     assert len(batch.contexts) == 2 and batch.turn_N.tolist() == sorted(batch.turn_N.tolist())
     assert torch.allclose(logprobs_N, torch.tensor(expected), atol=1e-5)
+
+
+def test_off_policy_sft_minimises_the_mean_negative_log_likelihood(tiny_model_dir: Path) -> None:
+    tokenizer, model, optimizer, scheduler = setup(tiny_model_dir, lr=1e-2)
+    config = TrainConfig(student="s", sft_policy="p", loss=LossConfig(kind="sft"))
+    batch = build_batch(ChatRenderer(tokenizer), [supervised(tokenizer, ["Strong"] * 2)], config)
+    with torch.no_grad():
+        before_N, _ = student_token_outputs(model, batch.contexts, tokenizer.pad_token_id, False)
+    metrics = train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
+    assert metrics["loss"] == pytest.approx(float(-before_N.mean()), rel=1e-5)
+    with torch.no_grad():
+        after_N, _ = student_token_outputs(model, batch.contexts, tokenizer.pad_token_id, False)
+    assert after_N.mean() > before_N.mean()  # the imitated tokens became likelier

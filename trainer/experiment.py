@@ -1,0 +1,148 @@
+"""The paper's comparison as a grid: methods x seeds, side by side, against one shared stack.
+
+`sage-opd experiment --grid configs/grid-tiny.yaml` prepares the models (cached),
+starts one env service and one teacher service serving the prepared teacher, and
+runs every (method, seed) as its own `sage-opd train` process with one torch
+thread, ``workers`` at a time. A run's folder is ``OUT/<method>/seed-<n>``; a run
+that finished has a ``done.json`` there and is not run again, and an interrupted
+one resumes from its newest checkpoint (the trainer's own resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from trainer.config import Frozen, PrepareConfig, TrainConfig, apply_overrides, load_config
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+TEACHER_PLACEHOLDER = "{teacher}"  # in a method's fields: the prepared teacher's folder
+
+
+class GridConfig(Frozen):
+    """Methods x seeds of one comparison; every method starts from the same train config."""
+
+    prepare: str  # PrepareConfig YAML: the student init and the teacher (cached)
+    train: str  # TrainConfig YAML that every method starts from
+    seeds: list[int] = [0, 1, 2]
+    workers: int = Field(2, ge=1)  # runs side by side
+    threads: int = Field(1, ge=1)  # torch threads per run
+    # method name -> the TrainConfig fields it changes, as dotted keys ("loss.kind": "opd")
+    methods: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    seed: int
+    folder: Path
+    config: TrainConfig
+
+
+def run_specs(
+    grid: GridConfig, out: Path, student: str, teacher: str, urls: dict[str, str]
+) -> list[RunSpec]:
+    """Every run of the grid, seed-major (one full row of methods before the next seed)."""
+    base = yaml.safe_load(Path(grid.train).read_text()) or {}
+    specs = []
+    for seed in grid.seeds:
+        for method, fields in grid.methods.items():
+            folder = out / method / f"seed-{seed}"
+            overrides = [
+                f"{key}={json.dumps(value).replace(TEACHER_PLACEHOLDER, teacher)}"
+                for key, value in fields.items()
+            ]
+            data = apply_overrides(json.loads(json.dumps(base)), overrides)
+            data.update(
+                student=student,
+                teacher_urls=[urls["teacher"]],
+                env_url=urls["env"],
+                out_dir=str(folder),
+                seed=seed,
+            )
+            specs.append(RunSpec(method, seed, folder, TrainConfig.model_validate(data)))
+    return specs
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE_FILE).exists()
+
+
+def _rows_logged(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _launch(spec: RunSpec, threads: int) -> subprocess.Popen:
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    config_path = spec.folder / "train.yaml"
+    config_path.write_text(yaml.safe_dump(spec.config.model_dump(mode="json"), sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "trainer.cli", "train", "--config", str(config_path)]
+    with (spec.folder / "train.log").open("a") as log_file:
+        return subprocess.Popen(
+            [*command, "--quiet"], stdout=log_file, stderr=subprocess.STDOUT, env=env
+        )
+
+
+def run_all(specs: list[RunSpec], workers: int, threads: int, progress: bool = True) -> list[str]:
+    """Run the specs not done yet, ``workers`` at a time; returns the failures' descriptions."""
+    pending = [s for s in specs if not is_done(s.folder)]
+    total_rows = sum(s.config.steps + 1 for s in specs)  # step 0's evaluation, then each step
+    bar = tqdm(total=total_rows, desc="grid", unit="step", disable=not progress)
+    running: dict[subprocess.Popen, tuple[RunSpec, float]] = {}
+    failures: list[str] = []
+    finished = len(specs) - len(pending)
+    while pending or running:
+        while pending and len(running) < workers:
+            spec = pending.pop(0)
+            running[_launch(spec, threads)] = (spec, time.perf_counter())
+        time.sleep(1.0)
+        for process in [p for p in running if p.poll() is not None]:
+            spec, started = running.pop(process)
+            if process.returncode == 0:
+                wall_s = time.perf_counter() - started
+                (spec.folder / DONE_FILE).write_text(json.dumps({"wall_s": wall_s}))
+                finished += 1
+            else:
+                failures.append(
+                    f"{spec.method} seed {spec.seed}: exit {process.returncode}, "
+                    f"see {spec.folder / 'train.log'}"
+                )
+        bar.n = sum(min(_rows_logged(s.folder), s.config.steps + 1) for s in specs)
+        bar.set_postfix(runs=f"{finished}/{len(specs)}", running=len(running))
+        bar.refresh()
+    bar.close()
+    return failures
+
+
+def run_grid(
+    grid_path: str, out: Path, artifacts: Path = Path("artifacts"), progress: bool = True
+) -> list[str]:
+    """Prepare, bring the stack up, run the grid; returns the failures (empty: all done)."""
+    from trainer.prepare import prepare
+    from trainer.stack import local_stack
+
+    grid = load_config(GridConfig, grid_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=False))
+    prepare_config = load_config(PrepareConfig, grid.prepare)
+    models = prepare(prepare_config, artifacts, evaluate=False, progress=progress)
+    teacher, student = str(models / "teacher"), str(models / "student-init")
+    with local_stack(teacher=teacher) as services:
+        urls = {name: service.url for name, service in services.items()}
+        specs = run_specs(grid, out, student, teacher, urls)
+        return run_all(specs, grid.workers, grid.threads, progress)

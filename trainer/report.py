@@ -1,0 +1,252 @@
+"""`sage-opd report RUN_DIR...`: the comparison's table (markdown) and plots (PNG).
+
+A run is a folder with the trainer's metrics.jsonl and config.json (a grid's
+``<method>/seed-<n>``); a RUN_DIR may be a run or any folder above runs. Runs are
+grouped by method (their parent folder's name) and summarised over seeds as
+mean +- std (sample std; 0 for one seed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.experiment import DONE_FILE
+
+SPLITS = ("valid_seen", "valid_unseen")
+BASELINE, PROPOSED = "opd", "sage"  # the relative-improvement line compares these
+
+
+@dataclass
+class Run:
+    method: str
+    seed: int
+    folder: Path
+    rows: list[dict[str, Any]]
+    config: dict[str, Any]
+    wall_s: float
+
+    @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if f"eval_{SPLITS[-1]}_success" in r]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.evaluations[-1]
+
+    def mean_over_steps(self, key: str) -> float | None:
+        values = [r[key] for r in self.rows if r["step"] > 0 and key in r]
+        return statistics.fmean(values) if values else None
+
+
+def load_run(folder: Path) -> Run:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((folder / "config.json").read_text())
+    done = folder / DONE_FILE
+    if done.exists():
+        wall_s = json.loads(done.read_text())["wall_s"]
+    else:  # the phases the trainer timed
+        wall_s = sum(v for r in rows for k, v in r.items() if k.startswith("time_"))
+    return Run(folder.parent.name, int(config["seed"]), folder, rows, config, wall_s)
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run under ``paths`` (a run folder or a folder above runs), in a stable order."""
+    folders: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run folder")
+        found = [m.parent for m in sorted(path.rglob("metrics.jsonl"))]
+        if not found:
+            raise FileNotFoundError(f"{path}: holds no run (no metrics.jsonl under it)")
+        folders += found
+    runs = [load_run(folder) for folder in folders if (folder / "config.json").exists()]
+    share_start(runs)
+    return runs
+
+
+def share_start(runs: list[Run]) -> None:
+    """Give a run trained with ``eval_at_start: false`` the step-0 evaluation of a run
+    with the same student (greedy evaluation of the same weights: the same numbers)."""
+    starts = {
+        r.config["student"]: r.evaluations[0]
+        for r in runs
+        if r.evaluations and r.evaluations[0]["step"] == 0
+    }
+    for run in runs:
+        start = starts.get(run.config["student"])
+        if start is not None and not any(r["step"] == 0 for r in run.evaluations):
+            run.rows.insert(0, start)
+
+
+def group_by_method(runs: list[Run], order: list[str] | None = None) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.method, []).append(run)
+    for group in groups.values():
+        group.sort(key=lambda r: r.seed)
+    names = [m for m in order or [] if m in groups] + [m for m in groups if m not in (order or [])]
+    return {name: groups[name] for name in names}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pm(values: list[float], percent: bool = True, digits: int = 1) -> str:
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    if percent:
+        return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def relative_improvement(groups: dict[str, list[Run]]) -> str:
+    """SAGE-OPD over OPD on valid_unseen, paired by seed: (sage - opd) / opd."""
+    if BASELINE not in groups or PROPOSED not in groups:
+        return f"Relative improvement: needs runs of both {BASELINE!r} and {PROPOSED!r}."
+    key = "eval_valid_unseen_success"
+    opd = {r.seed: r.final[key] for r in groups[BASELINE]}
+    sage = {r.seed: r.final[key] for r in groups[PROPOSED]}
+    seeds = sorted(set(opd) & set(sage))
+    differences = [sage[s] - opd[s] for s in seeds]
+    line = (
+        f"SAGE-OPD minus OPD on valid_unseen success: {_pm(differences)} points "
+        f"(paired over seeds {seeds})"
+    )
+    ratios = [(sage[s] - opd[s]) / opd[s] for s in seeds if opd[s] > 0]
+    if len(ratios) == len(seeds) and seeds:
+        line += f"; relative improvement {_pm(ratios)}%"
+    else:
+        line += "; relative improvement undefined (OPD succeeded on no task for some seed)"
+    return line + "."
+
+
+def table(groups: dict[str, list[Run]]) -> str:
+    """The markdown table: one row per method, mean ± std over its seeds."""
+    header = (
+        "| method | seeds | valid_seen success % | valid_unseen success % "
+        "| unseen repeated % | unseen invalid % | Skip % | Weak % | Strong % "
+        "| teacher tokens (M) | wall time (min) |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for method, runs in groups.items():
+
+        def labels(name: str, runs: list[Run] = runs) -> str:
+            values = [v for r in runs if (v := r.mean_over_steps(name)) is not None]
+            return _pm(values)
+
+        finals = [r.final for r in runs]
+        cells = [
+            method,
+            ",".join(str(r.seed) for r in runs),
+            _pm([f["eval_valid_seen_success"] for f in finals]),
+            _pm([f["eval_valid_unseen_success"] for f in finals]),
+            _pm([f["eval_valid_unseen_repeated_rate"] for f in finals]),
+            _pm([f["eval_valid_unseen_invalid_rate"] for f in finals]),
+            labels("label_skip"),
+            labels("label_weak"),
+            labels("label_strong"),
+            _pm([r.rows[-1].get("teacher_tokens_total", 0) / 1e6 for r in runs], False, 2),
+            _pm([r.wall_s / 60 for r in runs], False, 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(groups: dict[str, list[Run]]) -> str:
+    steps = sorted({r.final["step"] for runs in groups.values() for r in runs})
+    return "\n\n".join(
+        [
+            table(groups),
+            relative_improvement(groups),
+            f"Final evaluation at step(s) {steps}; greedy; label fractions and teacher tokens "
+            "over the training steps (Skip / Weak / Strong are read only by SAGE-OPD with "
+            "intervention; the other methods count every turn Strong).",
+        ]
+    )
+
+
+def _curve(
+    runs: list[Run], x_key: str, y_key: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean, min and max over seeds of ``y_key`` at the evaluations they share."""
+    points = [{r["step"]: (r.get(x_key, 0), r[y_key]) for r in run.evaluations} for run in runs]
+    steps = sorted(set.intersection(*(set(p) for p in points)))
+    xs = [statistics.fmean(p[s][0] for p in points) for s in steps]
+    ys = [[p[s][1] for p in points] for s in steps]
+    return xs, [statistics.fmean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
+
+
+def plot(groups: dict[str, list[Run]], x_key: str, xlabel: str, path: Path) -> Path:
+    """Success against ``x_key`` on each split: a line per method, a band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), sharey=True)
+    for axis, split in zip(axes, SPLITS, strict=True):
+        for method, runs in groups.items():
+            xs, mean, low, high = _curve(runs, x_key, f"eval_{split}_success")
+            if len(xs) == 1:  # no training (e.g. the warm start): a level line
+                axis.axhline(100 * mean[0], linestyle=":", color="gray", label=method)
+                continue
+            (line,) = axis.plot(xs, [100 * m for m in mean], marker="o", label=method)
+            axis.fill_between(
+                xs,
+                [100 * v for v in low],
+                [100 * v for v in high],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+        axis.set_title(split)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("success % (greedy; band: min-max over seeds)")
+    axes[-1].legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def method_order(paths: list[Path]) -> list[str]:
+    """The methods in the order of the first grid.yaml among ``paths`` (else: as found)."""
+    import yaml
+
+    for path in paths:
+        if (path / "grid.yaml").exists():
+            return list(yaml.safe_load((path / "grid.yaml").read_text())["methods"])
+    return []
+
+
+def write_report(paths: list[Path], out: Path) -> Path:
+    """Table, plots and a copy of each run's metrics (no checkpoints) under ``out``."""
+    runs = find_runs(paths)
+    if not runs:
+        raise FileNotFoundError("no run found under " + ", ".join(map(str, paths)))
+    groups = group_by_method(runs, method_order(paths))
+    out.mkdir(parents=True, exist_ok=True)
+    grids = [p / "grid.yaml" for p in paths if (p / "grid.yaml").exists()]
+    if grids and grids[0].resolve() != (out / "runs" / "grid.yaml").resolve():
+        (out / "runs").mkdir(exist_ok=True)
+        shutil.copyfile(grids[0], out / "runs" / "grid.yaml")
+    for run in runs:
+        target = out / "runs" / run.method / f"seed-{run.seed}"
+        if target.resolve() != run.folder.resolve():
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "config.json", DONE_FILE):
+                if (run.folder / name).exists():
+                    shutil.copyfile(run.folder / name, target / name)
+    (out / "table.md").write_text(markdown(groups) + "\n")
+    plot(groups, "step", "training step", out / "success_vs_steps.png")
+    plot(groups, "teacher_tokens_total", "teacher tokens", out / "success_vs_teacher_tokens.png")
+    return out / "table.md"
