@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from trainer.config import Frozen, PrepareConfig, TrainConfig, apply_overrides, load_config
@@ -35,13 +35,25 @@ TEACHER_PLACEHOLDER = "{teacher}"  # in a method's fields: the prepared teacher'
 class GridConfig(Frozen):
     """Methods x seeds of one comparison; every method starts from the same train config."""
 
-    prepare: str  # PrepareConfig YAML: the student init and the teacher (cached)
     train: str  # TrainConfig YAML that every method starts from
+    # The models: a PrepareConfig YAML (tiny models, built or found in the cache), or
+    # a student and a teacher by folder or HF id (the paper's scale).
+    prepare: str | None = None
+    student: str | None = None
+    teacher: str | None = None
+    teacher_args: list[str] = []  # for `python -m services.teacher`, e.g. --backend vllm
+    services_env: dict[str, str] = {}  # e.g. SAGE_ENV_ENVIRONMENTS: alfworld
     seeds: list[int] = [0, 1, 2]
     workers: int = Field(2, ge=1)  # runs side by side
     threads: int = Field(1, ge=1)  # torch threads per run
     # method name -> the TrainConfig fields it changes, as dotted keys ("loss.kind": "opd")
     methods: dict[str, dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _one_source_of_models(self) -> GridConfig:
+        if (self.prepare is None) == (self.student is None or self.teacher is None):
+            raise ValueError("give either prepare, or both student and teacher")
+        return self
 
 
 @dataclass(frozen=True)
@@ -139,10 +151,14 @@ def run_grid(
     grid = load_config(GridConfig, grid_path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(grid.model_dump(mode="json"), sort_keys=False))
-    prepare_config = load_config(PrepareConfig, grid.prepare)
-    models = prepare(prepare_config, artifacts, evaluate=False, progress=progress)
-    teacher, student = str(models / "teacher"), str(models / "student-init")
-    with local_stack(teacher=teacher) as services:
+    if grid.prepare is not None:
+        prepare_config = load_config(PrepareConfig, grid.prepare)
+        models = prepare(prepare_config, artifacts, evaluate=False, progress=progress)
+        teacher, student = str(models / "teacher"), str(models / "student-init")
+    else:
+        assert grid.student is not None and grid.teacher is not None
+        teacher, student = grid.teacher, grid.student
+    with local_stack(teacher, teacher_args=grid.teacher_args, env=grid.services_env) as services:
         urls = {name: service.url for name, service in services.items()}
         specs = run_specs(grid, out, student, teacher, urls)
         return run_all(specs, grid.workers, grid.threads, progress)

@@ -91,11 +91,15 @@ def local_stack(
     env_port: int | None = None,
     teacher_port: int | None = None,
     host: str = "127.0.0.1",
+    teacher_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[dict[str, ServiceProcess]]:
     """The services a local run needs, by name: the env service, and a teacher serving
-    ``teacher`` (a model folder or HF id) when one is given."""
+    ``teacher`` (a model folder or HF id) when one is given. ``teacher_args`` go to
+    `python -m services.teacher` (e.g. --backend vllm); ``env`` to both processes."""
     with ExitStack() as stack:
         quiet = {"SAGE_ENV_LOG_LEVEL": "warning", "SAGE_TEACHER_LOG_LEVEL": "warning"}
+        quiet.update(env or {})
         env = stack.enter_context(
             local_service("env", "services.env", host=host, port=env_port, env=quiet)
         )
@@ -105,7 +109,7 @@ def local_stack(
                 local_service(
                     "teacher",
                     "services.teacher",
-                    ["--model", teacher],
+                    ["--model", teacher, *(teacher_args or [])],
                     host=host,
                     port=teacher_port,
                     env=quiet,
