@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from trainer.config import Frozen, PrepareConfig, TrainConfig, apply_overrides, load_config
+from trainer.stack import stop_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,11 @@ def _launch(spec: RunSpec, threads: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "trainer.cli", "train", "--config", str(config_path)]
     with (spec.folder / "train.log").open("a") as log_file:
         return subprocess.Popen(
-            [*command, "--quiet"], stdout=log_file, stderr=subprocess.STDOUT, env=env
+            [*command, "--quiet"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=stop_with_parent,  # a killed grid leaves no run behind
         )
 
 
@@ -118,26 +123,32 @@ def run_all(specs: list[RunSpec], workers: int, threads: int, progress: bool = T
     running: dict[subprocess.Popen, tuple[RunSpec, float]] = {}
     failures: list[str] = []
     finished = len(specs) - len(pending)
-    while pending or running:
-        while pending and len(running) < workers:
-            spec = pending.pop(0)
-            running[_launch(spec, threads)] = (spec, time.perf_counter())
-        time.sleep(1.0)
-        for process in [p for p in running if p.poll() is not None]:
-            spec, started = running.pop(process)
-            if process.returncode == 0:
-                wall_s = time.perf_counter() - started
-                (spec.folder / DONE_FILE).write_text(json.dumps({"wall_s": wall_s}))
-                finished += 1
-            else:
-                failures.append(
-                    f"{spec.method} seed {spec.seed}: exit {process.returncode}, "
-                    f"see {spec.folder / 'train.log'}"
-                )
-        bar.n = sum(min(_rows_logged(s.folder), s.config.steps + 1) for s in specs)
-        bar.set_postfix(runs=f"{finished}/{len(specs)}", running=len(running))
-        bar.refresh()
-    bar.close()
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                spec = pending.pop(0)
+                running[_launch(spec, threads)] = (spec, time.perf_counter())
+            time.sleep(1.0)
+            for process in [p for p in running if p.poll() is not None]:
+                spec, started = running.pop(process)
+                if process.returncode == 0:
+                    wall_s = time.perf_counter() - started
+                    (spec.folder / DONE_FILE).write_text(json.dumps({"wall_s": wall_s}))
+                    finished += 1
+                else:
+                    failures.append(
+                        f"{spec.method} seed {spec.seed}: exit {process.returncode}, "
+                        f"see {spec.folder / 'train.log'}"
+                    )
+            bar.n = sum(min(_rows_logged(s.folder), s.config.steps + 1) for s in specs)
+            bar.set_postfix(runs=f"{finished}/{len(specs)}", running=len(running))
+            bar.refresh()
+    finally:  # interrupted: stop the runs in flight (they resume from checkpoints)
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.wait()
+        bar.close()
     return failures
 
 

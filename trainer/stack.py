@@ -48,7 +48,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the service at {url} was not ready after {timeout_s:.0f}s")
 
 
-def _stop_with_parent() -> None:  # runs in the child between fork and exec
+def stop_with_parent() -> None:  # runs in the child between fork and exec
     """On Linux, the service gets SIGTERM when the process that started it dies, even
     by SIGKILL, so a killed trainer or demo leaves no service behind."""
     if sys.platform.startswith("linux"):
@@ -70,7 +70,7 @@ def local_service(
     port = port or free_port(host)
     command = [sys.executable, "-m", module, "--host", host, "--port", str(port), *(args or [])]
     process = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, preexec_fn=_stop_with_parent
+        command, env={**os.environ, **(env or {})}, preexec_fn=stop_with_parent
     )
     url = f"http://{host}:{port}"
     try:
