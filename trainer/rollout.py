@@ -1,10 +1,13 @@
 """Student rollouts: many episodes in flight, the student's generation batched across them.
 
 Each episode is an asyncio task that talks to the env service. When it needs an
-action it hands its prompt to the :class:`BatchedGenerator`, which runs one
-``generate`` (KV cache, left padding, stop at end of turn) for every episode
-waiting at that moment, in a worker thread, so env calls and teacher calls of
-other episodes go on meanwhile. Each turn records the sampled token ids and
+action it hands its prompt to the :class:`BatchedGenerator`, which decodes for
+every episode waiting at that moment at once (stop at end of turn), in a worker
+thread, so env calls and teacher calls of other episodes go on meanwhile. An
+episode's prompt grows by one response and one observation a turn, so the
+generator keeps each episode's KV cache between its turns and forwards only the
+new tokens: with the whole history in context, the prefill of a turn costs its own
+tokens, not the episode's. Each turn records the sampled token ids and
 their log-probs under the sampling model at temperature 1 (what the trainer
 recomputes), the action parsed from them, and what the environment answered.
 """
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,15 @@ from trainer.baselines import play_many
 class Sample:
     token_ids: list[int]
     logprobs: list[float]  # log pi(token | prefix) at temperature 1, per token
+
+
+@dataclass
+class CachedPrefix:
+    """What the model has already forwarded for one episode: the ids and, per layer,
+    their keys and values (heads x tokens x head dim)."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -77,27 +90,35 @@ class BatchedGenerator:
         max_batch: int = 64,
         seed: int = 0,
         gather_s: float = 0.25,
+        reuse_cache: bool = True,
     ) -> None:
         """Episodes played with this generator as their policy (run_episode) are counted
         while in flight; a batch waits until every one of them has its prompt in, or
         ``gather_s`` has passed since the first (an episode slow in the environment or
         at the teacher does not hold the others up for longer). Without the wait the
         episodes split into groups that stay out of phase: a generate takes far
-        longer than an env step, and each group waits for the other's generate."""
+        longer than an env step, and each group waits for the other's generate.
+
+        ``reuse_cache``: keep each episode's KV cache between its turns (memory: one
+        cache per episode in flight)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.max_batch = max_batch
         self.gather_s = gather_s
+        self.reuse_cache = reuse_cache
+        self._caches: dict[Hashable, CachedPrefix] = {}
+        self._live: set[Hashable] = set()  # episodes in flight, by key
         self.in_flight = 0  # episodes playing with this generator (see episode())
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self._pending: list[tuple[list[int], asyncio.Future]] = []
+        self._pending: list[tuple[list[int], Hashable | None, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self.batches: list[int] = []  # sizes, for metrics
+        self.prompt_tokens_forwarded = 0  # prompt tokens prefilled (the rest came from caches)
 
     async def __aenter__(self) -> BatchedGenerator:
         self._worker = asyncio.create_task(self._loop())
@@ -108,20 +129,28 @@ class BatchedGenerator:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        self._caches.clear()
 
     @contextlib.asynccontextmanager
-    async def episode(self) -> AsyncIterator[None]:
-        """Count an episode as in flight (its next prompt is awaited before a batch starts)."""
+    async def episode(self, key: Hashable | None = None) -> AsyncIterator[None]:
+        """Count an episode as in flight (its next prompt is awaited before a batch
+        starts); its generate calls with ``key`` share a KV cache, dropped at the end."""
         self.in_flight += 1
+        if key is not None:
+            self._live.add(key)
         try:
             yield
         finally:
             self.in_flight -= 1
+            self._live.discard(key)
+            self._caches.pop(key, None)
             self._wakeup.set()
 
-    async def generate(self, prompt_ids: list[int]) -> Sample:
+    async def generate(self, prompt_ids: list[int], key: Hashable | None = None) -> Sample:
+        """A response to ``prompt_ids``; calls with the same ``key`` (one episode, see
+        episode()) reuse the KV cache of the prompt's prefix that was forwarded before."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt_ids, future))
+        self._pending.append((prompt_ids, key, future))
         self._wakeup.set()
         return await future
 
@@ -142,68 +171,133 @@ class BatchedGenerator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), left)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            prompts = [prompt for prompt, _, _ in batch]
+            reuse = [self._caches.pop(key, None) for _, key, _ in batch]
             try:
-                samples = await asyncio.to_thread(self.generate_now, [p for p, _ in batch])
+                samples, caches = await asyncio.to_thread(self.generate_now, prompts, reuse)
             except Exception as exc:  # fail the episodes that asked, not the loop
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             self.batches.append(len(batch))
-            for (_, future), sample in zip(batch, samples, strict=True):
+            for (_, key, future), sample, cache in zip(batch, samples, caches, strict=True):
+                # Kept on this loop only, so an episode that has ended keeps no cache.
+                if self.reuse_cache and key in self._live:
+                    self._caches[key] = cache
                 if not future.done():
                     future.set_result(sample)
 
     @torch.inference_mode()
-    def generate_now(self, prompts: list[list[int]]) -> list[Sample]:
-        """One left-padded generate for ``prompts``; stops each at its end-of-turn token."""
+    def generate_now(
+        self, prompts: list[list[int]], reuse: list[CachedPrefix | None] | None = None
+    ) -> tuple[list[Sample], list[CachedPrefix]]:
+        """Decode for ``prompts`` at once; stop each at its end-of-turn token.
+
+        A row whose ``reuse`` cache holds a prefix of its prompt forwards only the
+        rest. Rows are laid out [pad][cached][pad][new tokens], the pads masked and
+        positions given explicitly, so rows with caches of any length share one
+        forward. Returns the samples and each row's cache after them.
+        """
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids_BL = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask_BL = torch.zeros((len(prompts), width), dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            input_ids_BL[b, width - len(prompt) :] = torch.tensor(prompt)
-            mask_BL[b, width - len(prompt) :] = 1
-        sampling = self.temperature > 0
-        with _seeded(self.generator):
-            output = self.model.generate(
-                input_ids=input_ids_BL.to(device),
-                attention_mask=mask_BL.to(device),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=sampling,
-                temperature=self.temperature if sampling else None,
-                top_k=0 if sampling else None,
-                top_p=1.0 if sampling else None,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-                output_logits=True,
-                return_dict_in_generate=True,
+        rows = len(prompts)
+        reuse = [
+            c if c is not None and len(c.ids) < len(p) and p[: len(c.ids)] == c.ids else None
+            for c, p in zip(reuse or [None] * rows, prompts, strict=True)
+        ]
+        cached = [len(c.ids) if c is not None else 0 for c in reuse]
+        new = [p[n:] for p, n in zip(prompts, cached, strict=True)]
+        width_c, width_s = max(cached), max(len(ids) for ids in new)
+        self.prompt_tokens_forwarded += sum(len(ids) for ids in new)
+        input_ids_BS = torch.full((rows, width_s), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((rows, width_c + width_s), dtype=torch.long)
+        positions_BS = torch.zeros((rows, width_s), dtype=torch.long)
+        for b, (ids, n) in enumerate(zip(new, cached, strict=True)):
+            input_ids_BS[b, width_s - len(ids) :] = torch.tensor(ids)
+            mask_BL[b, width_c - n : width_c] = 1
+            mask_BL[b, width_c + width_s - len(ids) :] = 1
+            positions_BS[b, width_s - len(ids) :] = torch.arange(n, n + len(ids))
+        mask_BL = mask_BL.to(device)
+        output = self.model(
+            input_ids=input_ids_BS.to(device),
+            attention_mask=mask_BL,
+            position_ids=positions_BS.to(device),
+            past_key_values=self._batch_cache(reuse, cached, width_c, device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_position_B = torch.tensor([len(p) for p in prompts], device=device)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        finished = [False] * rows
+        forwarded = 0  # sampled tokens that went through the model (are in the cache)
+        while True:
+            logits_BV = output.logits[:, -1].float().cpu()
+            # Log-probs at temperature 1: the policy the loss differentiates.
+            logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+            if self.temperature > 0:
+                probs_BV = torch.softmax(logits_BV / self.temperature, dim=-1)
+                token_B = torch.multinomial(probs_BV, 1, generator=self.generator)[:, 0]
+            else:
+                token_B = logits_BV.argmax(dim=-1)
+            for b, token in enumerate(token_B.tolist()):
+                if not finished[b]:
+                    tokens[b].append(token)
+                    logprobs[b].append(logprobs_BV[b, token].item())
+                    finished[b] = token == self.eos_id or len(tokens[b]) == self.max_new_tokens
+            if all(finished):
+                break
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones((rows, 1))], dim=1)
+            output = self.model(
+                input_ids=token_B[:, None].to(device),
+                attention_mask=mask_BL,
+                position_ids=(next_position_B + forwarded)[:, None],
+                past_key_values=output.past_key_values,
+                use_cache=True,
             )
-        new_BN = output.sequences[:, width:].cpu()
-        # Raw logits: log-probs at temperature 1, the policy the loss differentiates.
-        logprobs_BNV = torch.log_softmax(torch.stack(output.logits, dim=1).float().cpu(), dim=-1)
-        samples = []
-        for b in range(len(prompts)):
-            ids, logprobs = [], []
-            for n, token in enumerate(new_BN[b].tolist()):
-                ids.append(token)
-                logprobs.append(logprobs_BNV[b, n, token].item())
-                if token == self.eos_id:
-                    break
-            samples.append(Sample(ids, logprobs))
-        return samples
+            forwarded += 1
+        samples = [Sample(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+        if not self.reuse_cache:
+            return samples, [CachedPrefix([], []) for _ in prompts]
+        layers = output.past_key_values.layers
+        prompt_positions = mask_BL[:, : width_c + width_s]
+        caches = []
+        for b, prompt in enumerate(prompts):
+            kept = min(len(tokens[b]), forwarded)
+            index = torch.cat(
+                [
+                    prompt_positions[b].nonzero()[:, 0],
+                    torch.arange(width_c + width_s, width_c + width_s + kept, device=device),
+                ]
+            )
+            caches.append(
+                CachedPrefix(
+                    prompt + tokens[b][:kept],
+                    [(layer.keys[b][:, index], layer.values[b][:, index]) for layer in layers],
+                )
+            )
+        return samples, caches
 
+    def _batch_cache(
+        self, reuse: list[CachedPrefix | None], cached: list[int], width: int, device: Any
+    ) -> Any:
+        """The rows' caches left-padded to ``width`` as one DynamicCache (None: nothing cached)."""
+        if width == 0:
+            return None
+        from transformers import DynamicCache
 
-@contextlib.contextmanager
-def _seeded(generator: torch.Generator):  # noqa: ANN202
-    """Sample from ``generator``'s stream (generate uses the global RNG), then restore it."""
-    state = torch.get_rng_state()
-    torch.set_rng_state(generator.get_state())
-    try:
-        yield
-    finally:
-        generator.set_state(torch.get_rng_state())
-        torch.set_rng_state(state)
+        cache = DynamicCache(config=self.model.config)
+        sample = next(c for c in reuse if c is not None)
+        for layer, (keys_HLD, _) in enumerate(sample.layers):
+            heads, _, dim = keys_HLD.shape
+            keys_BHLD = keys_HLD.new_zeros((len(reuse), heads, width, dim))
+            values_BHLD = keys_BHLD.clone()
+            for b, (c, n) in enumerate(zip(reuse, cached, strict=True)):
+                if c is not None:
+                    keys_BHLD[b, :, width - n :] = c.layers[layer][0]
+                    values_BHLD[b, :, width - n :] = c.layers[layer][1]
+            cache.update(keys_BHLD.to(device), values_BHLD.to(device), layer)
+        return cache
 
 
 Policy = Callable[[list[int]], Awaitable[Sample]]
@@ -212,7 +306,8 @@ Policy = Callable[[list[int]], Awaitable[Sample]]
 def _tracking(policy: Policy | BatchedGenerator) -> tuple[Policy, Any]:
     """The policy's generate function, and a context that counts the episode in flight."""
     if isinstance(policy, BatchedGenerator):
-        return policy.generate, policy.episode()
+        key = object()  # this episode's KV cache between turns
+        return functools.partial(policy.generate, key=key), policy.episode(key)
     return policy, contextlib.nullcontext()
 
 

@@ -75,3 +75,40 @@ async def test_a_random_model_rarely_names_admissible_actions_and_the_summary_sa
     assert result.invalid_rate == 1.0  # an untrained model names no admissible action
     # Greedy and unchanged: the second turn repeats the first's (empty) action and feedback.
     assert result.repeated_rate == 0.5
+
+
+async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the_cost(
+    serve,
+    tiny_model_dir: Path,  # noqa: ANN001
+) -> None:
+    url = serve(create_app(EnvSettings()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    played, forwarded = [], []
+    for reuse in (False, True):
+        async with (
+            EnvClient(url) as env,
+            BatchedGenerator(
+                model, tokenizer, max_new_tokens=6, temperature=0.0, reuse_cache=reuse
+            ) as generator,
+        ):
+            episodes = await run_episodes(
+                env, generator, ChatRenderer(tokenizer), "train", [0, 1, 2], max_turns=4
+            )
+        played.append(episodes)
+        forwarded.append(generator.prompt_tokens_forwarded)
+    for fresh, cached in zip(*played, strict=True):
+        assert [t.response_ids for t in fresh.turns] == [t.response_ids for t in cached.turns]
+        for a, b in zip(fresh.turns, cached.turns, strict=True):
+            assert max(abs(x - y) for x, y in zip(a.sampling_logprobs, b.sampling_logprobs)) < 1e-4
+    # Turns after the first forward only their new tokens: the response before the last
+    # sampled token is cached, so each later turn forwards that token and the observation.
+    full = sum(len(t.prompt_ids) for e in played[0] for t in e.turns)
+    assert forwarded[0] == full
+    first_turns = sum(len(e.turns[0].prompt_ids) for e in played[1])
+    later = sum(
+        len(t.prompt_ids) - len(prev.prompt_ids) - len(prev.response_ids) + 1
+        for e in played[1]
+        for prev, t in zip(e.turns, e.turns[1:])
+    )
+    assert forwarded[1] == first_turns + later < full
