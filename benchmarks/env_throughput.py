@@ -4,12 +4,18 @@ Both sides play the same random admissible policy on the same train tasks; the
 service runs as its own process on loopback and is driven with one batched step
 call for all sessions at a time. Prints the in-process rate (target >= 10,000
 steps/s on one core) and, last, the service / in-process ratio (target >= 0.3).
+
+Before that, the real third-party environments (ScienceWorld, TextWorld cooking,
+TextWorldExpress) play the same policy in process for a bounded time each, and
+their steps/s are printed next to the household world's; an environment whose
+package is not installed is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import random
 import statistics
@@ -18,6 +24,7 @@ import time
 from client.env import EnvClient
 from client.protocol import CreateSessionRequest
 from services.env.household import HouseholdEnvironment
+from services.env.registry import get_family
 from trainer.stack import local_service
 
 
@@ -39,6 +46,37 @@ def in_process_rate(steps: int, seed: int = 0) -> float:
                 break
         task += 1
     return done_steps / (time.perf_counter() - start)
+
+
+# family -> the package it needs; each plays one train task (a JVM or a game per
+# episode is costly to start, so a finished episode is reset rather than replaced).
+REAL_ENVIRONMENTS = {
+    "scienceworld": "scienceworld",
+    "textworld-cooking": "textworld",
+    "twx-cookingworld": "textworld_express",
+    "twx-twc": "textworld_express",
+}
+
+
+def real_environment_rate(name: str, seconds: float, max_steps: int, seed: int = 0) -> str:
+    """Steps/s of one real environment in process, random admissible policy, bounded in time
+    and count; the episode's start (JVM, game generation) is timed apart."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    episode = get_family(name).make("train", 0)
+    try:
+        outcome = episode.reset()
+        started_s = time.perf_counter() - start
+        steps, start = 0, time.perf_counter()
+        while steps < max_steps and time.perf_counter() - start < seconds:
+            outcome = episode.step(rng.choice(outcome.admissible_actions))
+            steps += 1
+            if outcome.done:
+                outcome = episode.reset()
+        rate = steps / (time.perf_counter() - start)
+    finally:
+        episode.close()
+    return f"{rate:,.1f} steps/s ({steps} steps; episode start {started_s:.1f} s)"
 
 
 async def service_rate(url: str, sessions: int, steps: int, lanes: int = 2, seed: int = 0) -> float:
@@ -98,7 +136,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements each")
     parser.add_argument("--sessions", type=int, default=256)
     parser.add_argument("--lanes", type=int, default=4)
+    parser.add_argument(
+        "--real-seconds", type=float, default=10.0, help="per real environment (0: skip them)"
+    )
     args = parser.parse_args()
+
+    if args.real_seconds > 0:
+        print(f"in process, random admissible policy, train task 0, <= {args.real_seconds:g} s:")
+        in_process_rate(2_000)  # warm up
+        print(f"  household: {in_process_rate(20_000):,.0f} steps/s")
+        for name, package in REAL_ENVIRONMENTS.items():
+            if importlib.util.find_spec(package) is None:
+                print(f"  {name}: skipped ({package} is not installed)")
+                continue
+            print(f"  {name}: {real_environment_rate(name, args.real_seconds, 2_000)}")
 
     print(f"cores: {os.cpu_count()}; random admissible policy on household/train")
     print(

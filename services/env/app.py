@@ -42,7 +42,7 @@ from client.protocol import (
     StepResult,
     TaskInfo,
 )
-from services.env.base import EnvironmentFamily, Episode, StepOutcome
+from services.env.base import EnvironmentFamily, Episode, EpisodeCrashed, StepOutcome
 from services.env.registry import UnknownEnvironment, get_family
 from services.env.sessions import (
     EpisodeFinished,
@@ -150,10 +150,12 @@ class EnvService:
             self.store.discard(session.id)
             self.metrics.sessions.set(len(self.store))
             await self.close_episodes([session])
+            crashed = isinstance(exc, EpisodeCrashed)
             raise ServiceError(
                 502,
-                "environment_failed",
-                f"The environment failed and the session was closed: {exc}",
+                "environment_crashed" if crashed else "environment_failed",
+                f"The environment {'crashed' if crashed else 'failed'} and the session was "
+                f"closed: {exc}",
                 {"session_id": session.id, "env": session.task.env},
             ) from exc
 

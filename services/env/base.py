@@ -35,6 +35,14 @@ class StepOutcome:
     admissible_actions: list[str]
 
 
+class EpisodeCrashed(RuntimeError):
+    """The engine behind an episode died (its JVM or game process is gone).
+
+    The episode cannot go on: the service answers 502 "environment_crashed" with this
+    message and drops the session; other sessions are unaffected.
+    """
+
+
 class Episode(ABC):
     """One playable instance of a task. Not thread-safe; one caller at a time."""
 

@@ -11,6 +11,11 @@ from services.env.base import EnvironmentFamily
 # imported only when a service is told to serve them.
 FAMILIES: dict[str, str] = {
     "household": "services.env.household:HouseholdEnvironment",
+    "scienceworld": "services.env.scienceworld:ScienceWorldEnvironment",
+    "scienceworld-easy": "services.env.scienceworld:ScienceWorldEasyEnvironment",
+    "textworld-cooking": "services.env.textworld_games:TextWorldCookingEnvironment",
+    "twx-cookingworld": "services.env.textworld_games:TextWorldExpressEnvironment",
+    "twx-twc": "services.env.textworld_games:TwxTwcEnvironment",
 }
 
 
