@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= env,teacher,trainer,dev,scienceworld,textworld
+EXTRAS ?= env,teacher,trainer,dev,scienceworld,textworld,alfworld
 PIP := $(BIN)/python -m pip
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

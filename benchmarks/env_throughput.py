@@ -52,6 +52,7 @@ def in_process_rate(steps: int, seed: int = 0) -> float:
 # episode is costly to start, so a finished episode is reset rather than replaced).
 REAL_ENVIRONMENTS = {
     "scienceworld": "scienceworld",
+    "alfworld-generated": "alfworld",
     "textworld-cooking": "textworld",
     "twx-cookingworld": "textworld_express",
     "twx-twc": "textworld_express",

@@ -11,6 +11,8 @@ from services.env.base import EnvironmentFamily
 # imported only when a service is told to serve them.
 FAMILIES: dict[str, str] = {
     "household": "services.env.household:HouseholdEnvironment",
+    "alfworld": "services.env.alfworld:AlfworldEnvironment",
+    "alfworld-generated": "services.env.alfworld:AlfworldGeneratedEnvironment",
     "scienceworld": "services.env.scienceworld:ScienceWorldEnvironment",
     "scienceworld-easy": "services.env.scienceworld:ScienceWorldEasyEnvironment",
     "textworld-cooking": "services.env.textworld_games:TextWorldCookingEnvironment",
