@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,13 @@ async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the
     for fresh, cached in zip(*played, strict=True):
         assert [t.response_ids for t in fresh.turns] == [t.response_ids for t in cached.turns]
         for a, b in zip(fresh.turns, cached.turns, strict=True):
-            assert max(abs(x - y) for x, y in zip(a.sampling_logprobs, b.sampling_logprobs)) < 1e-4
+            assert (
+                max(
+                    abs(x - y)
+                    for x, y in zip(a.sampling_logprobs, b.sampling_logprobs, strict=True)
+                )
+                < 1e-4
+            )
     # Turns after the first forward only their new tokens: the response before the last
     # sampled token is cached, so each later turn forwards that token and the observation.
     full = sum(len(t.prompt_ids) for e in played[0] for t in e.turns)
@@ -109,6 +116,6 @@ async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the
     later = sum(
         len(t.prompt_ids) - len(prev.prompt_ids) - len(prev.response_ids) + 1
         for e in played[1]
-        for prev, t in zip(e.turns, e.turns[1:])
+        for prev, t in itertools.pairwise(e.turns)
     )
     assert forwarded[1] == first_turns + later < full
