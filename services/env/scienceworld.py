@@ -40,7 +40,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from services.env.base import EnvironmentFamily, Episode, EpisodeCrashed, StepOutcome, TaskSpec
-from services.env.household.world import normalise
+from services.env.gold_path import GoldPath
 
 if TYPE_CHECKING:
     from scienceworld import ScienceWorldEnv
@@ -189,8 +189,7 @@ class ScienceWorldEpisode(Episode):
                 "gold_length": len(self.gold),
             },
         )
-        self._gold_next = 0  # how many gold actions the agent has taken, in order
-        self._on_gold_path = True
+        self.gold_path = GoldPath(self.gold)
         self._won = self._done = False
 
     def _observe(self, observation: str) -> StepOutcome:
@@ -218,16 +217,11 @@ class ScienceWorldEpisode(Episode):
         with jvm_guard(self.process, "ScienceWorld"):
             # As ScienceWorldEnv.reset: back to the first move, then "look around".
             self.env.server.reset()
-            self._gold_next, self._on_gold_path = 0, True
+            self.gold_path.reset()
             return self._observe(self.env.server.step("look around"))
 
     def step(self, action: str) -> StepOutcome:
-        if self._on_gold_path:
-            expected = self.gold[self._gold_next] if self._gold_next < len(self.gold) else None
-            if expected is not None and normalise(action) == normalise(expected):
-                self._gold_next += 1
-            else:
-                self._on_gold_path = False
+        self.gold_path.record(action)
         with jvm_guard(self.process, "ScienceWorld"):
             return self._observe(self.env.server.step(action.strip()))
 
@@ -238,16 +232,10 @@ class ScienceWorldEpisode(Episode):
 
     def expert_action(self) -> str | None:
         ensure_alive(self.process, "ScienceWorld")  # a dead JVM says so here too
-        if self._done or not self._on_gold_path or self._gold_next >= len(self.gold):
-            return None
-        return self.gold[self._gold_next]
+        return self.gold_path.next_action(self._done)
 
     def expert_steps_left(self) -> int | None:
-        if self._won:
-            return 0
-        if self._done or not self._on_gold_path:
-            return None
-        return len(self.gold) - self._gold_next
+        return self.gold_path.steps_left(self._won, self._done)
 
     def close(self) -> None:
         shut_down_jvm(self.env.close, self.process)

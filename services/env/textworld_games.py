@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.env.base import EnvironmentFamily, Episode, StepOutcome, TaskSpec
-from services.env.household.world import normalise
+from services.env.gold_path import GoldPath
 from services.env.scienceworld import ensure_alive, jvm_guard, shut_down_jvm
 
 if TYPE_CHECKING:
@@ -288,7 +288,7 @@ class TextWorldExpressEpisode(Episode):
             max_turns=max(MAX_TURNS, 2 * len(self.gold)),
             extra={"seed": self.seed, "params": params, "gold_length": len(self.gold)},
         )
-        self._gold_next, self._on_gold_path = 0, True
+        self.gold_path = GoldPath(self.gold)
         self._won = self._done = False
 
     def _outcome(self, observation: str, infos: dict[str, Any]) -> StepOutcome:
@@ -305,17 +305,12 @@ class TextWorldExpressEpisode(Episode):
     def reset(self) -> StepOutcome:
         with jvm_guard(self.process, "TextWorldExpress"):
             observation, infos = self.env.reset(self.seed, self.fold, generateGoldPath=True)
-        self._gold_next, self._on_gold_path = 0, True
+        self.gold_path.reset()
         self._infos = infos
         return self._outcome(observation, infos)
 
     def step(self, action: str) -> StepOutcome:
-        if self._on_gold_path:
-            expected = self.gold[self._gold_next] if self._gold_next < len(self.gold) else None
-            if expected is not None and normalise(action) == normalise(expected):
-                self._gold_next += 1
-            else:
-                self._on_gold_path = False
+        self.gold_path.record(action)
         with jvm_guard(self.process, "TextWorldExpress"):
             observation, _, _, infos = self.env.step(action.strip())
         self._infos = infos
@@ -327,16 +322,10 @@ class TextWorldExpressEpisode(Episode):
 
     def expert_action(self) -> str | None:
         ensure_alive(self.process, "TextWorldExpress")
-        if self._done or not self._on_gold_path or self._gold_next >= len(self.gold):
-            return None
-        return self.gold[self._gold_next]
+        return self.gold_path.next_action(self._done)
 
     def expert_steps_left(self) -> int | None:
-        if self._won:
-            return 0
-        if self._done or not self._on_gold_path:
-            return None
-        return len(self.gold) - self._gold_next
+        return self.gold_path.steps_left(self._won, self._done)
 
     def close(self) -> None:
         shut_down_jvm(self.env.close, self.process)
