@@ -183,6 +183,34 @@ async def test_fused_episode_equals_separate_score_and_judge_calls(
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
 
 
+async def test_judged_and_unjudged_episodes_batched_together_score_as_alone(
+    serve,
+    tiny_model_dir: Path,  # noqa: ANN001
+) -> None:
+    # An OPD trainer (no judge) and a SAGE-OPD trainer (judge) sharing one teacher: a
+    # long batching window puts both requests in one forward.
+    url = serve(create_app(teacher_settings(tiny_model_dir, max_wait_ms=300.0)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (task_a, turns_a), (task_b, turns_b) = (
+        random_episode(tokenizer, 4),
+        random_episode(tokenizer, 5, seed=1),
+    )
+    async with TeacherClient(url, retry=NO_RETRY) as teacher:
+        plain, judged = await asyncio.gather(
+            teacher.score_episode(task_a, turns_a, judge=False),
+            teacher.score_episode(task_b, turns_b, judge=True),
+        )
+        plain_alone = await teacher.score_episode(task_a, turns_a, judge=False)
+        judged_alone = await teacher.score_episode(task_b, turns_b, judge=True)
+    assert all(turn.verdict is None for turn in plain.turns)
+    assert all(turn.verdict is not None for turn in judged.turns)
+    for together, alone in ((plain, plain_alone), (judged, judged_alone)):
+        for a, b in zip(together.turns, alone.turns, strict=True):
+            assert max_diff(a.scores.logprobs, b.scores.logprobs) <= 1e-4
+            if b.verdict is not None:
+                assert a.verdict.label == b.verdict.label
+
+
 def forwarded(url: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     line = next(

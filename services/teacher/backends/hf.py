@@ -256,10 +256,12 @@ class _BranchLayout:
 
 
 def _branch_layout(item: EpisodeItem) -> _BranchLayout:
-    suffixes = item.judge_suffixes or []
-    return _BranchLayout(
-        item.input_ids, [(end, s) for (_, end), s in zip(item.spans, suffixes, strict=True)]
-    )
+    """The episode and its judge branches; none when it is scored without the judge (a
+    micro-batch may hold judged and unjudged episodes of different trainers)."""
+    if item.judge_suffixes is None:
+        return _BranchLayout(item.input_ids, [])
+    branches = zip(item.spans, item.judge_suffixes, strict=True)
+    return _BranchLayout(item.input_ids, [(end, suffix) for (_, end), suffix in branches])
 
 
 def local_revision(path: str | Path) -> str | None:
