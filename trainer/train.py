@@ -446,6 +446,8 @@ class Trainer:
             self.episodes_seen = state.get("episodes_seen", 0)
             self._truncate_metrics(self.step)
             log.info("resuming from %s at step %d", latest[-1], self.step + 1)
+        else:  # a fresh start: what an attempt that left no checkpoint logged is void
+            self._truncate_metrics(-1)
         (self.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
         self.writer = _tensorboard(self.out_dir / "tensorboard")
 

@@ -110,6 +110,16 @@ def test_zero_steps_only_evaluate_the_student(
     assert checkpoint_dirs(tmp_path / "run") == []
 
 
+def test_a_run_that_left_no_checkpoint_starts_its_metrics_afresh(
+    stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / METRICS_FILE).write_text('{"step": 0}\n{"step": 1, "stale": true}\n')
+    train(small_config(stack, tiny_model_dir, out, steps=1, eval_tasks=1), progress=False)
+    assert [(row["step"], "stale" in row) for row in rows(out)] == [(0, False), (1, False)]
+
+
 def test_off_policy_sft_plays_the_policy_and_never_calls_a_teacher(
     stack: dict[str, str], tiny_model_dir: Path, tiny_model_dir_b: Path, tmp_path: Path
 ) -> None:
