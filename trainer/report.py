@@ -46,11 +46,12 @@ class Run:
 def load_run(folder: Path) -> Run:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((folder / "config.json").read_text())
+    # The phases the trainer timed (rollouts, training, evaluation), which count each
+    # step once however often the run was resumed; else the runner's clock.
+    wall_s = sum(v for r in rows for k, v in r.items() if k.startswith("time_"))
     done = folder / DONE_FILE
-    if done.exists():
+    if not wall_s and done.exists():
         wall_s = json.loads(done.read_text())["wall_s"]
-    else:  # the phases the trainer timed
-        wall_s = sum(v for r in rows for k, v in r.items() if k.startswith("time_"))
     return Run(folder.parent.name, int(config["seed"]), folder, rows, config, wall_s)
 
 
@@ -133,7 +134,7 @@ def table(groups: dict[str, list[Run]]) -> str:
     header = (
         "| method | seeds | valid_seen success % | valid_unseen success % "
         "| unseen repeated % | unseen invalid % | Skip % | Weak % | Strong % "
-        "| teacher tokens (M) | wall time (min) |"
+        "| teacher tokens (M) | time (min) |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for method, runs in groups.items():
@@ -168,7 +169,8 @@ def markdown(groups: dict[str, list[Run]]) -> str:
             relative_improvement(groups),
             f"Final evaluation at step(s) {steps}; greedy; label fractions and teacher tokens "
             "over the training steps (Skip / Weak / Strong are read only by SAGE-OPD with "
-            "intervention; the other methods count every turn Strong).",
+            "intervention; the other methods count every turn Strong). Time: the run's "
+            "rollouts, training and evaluation as the trainer timed them.",
         ]
     )
 

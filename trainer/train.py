@@ -573,7 +573,9 @@ class Trainer:
                 await supervisor.check(index)
             split_size = await env.split_size(config.env, config.train_split)
             if self.step == 0 and (config.eval_at_start or config.steps == 0):
+                eval_start = time.perf_counter()
                 first = {"step": 0, **await self.evaluate(config.env_url)}
+                first["time_eval_s"] = time.perf_counter() - eval_start
                 self.log_metrics(first)
                 logged.append(first)
             bar = tqdm(
