@@ -91,6 +91,7 @@ class BatchedGenerator:
         seed: int = 0,
         gather_s: float = 0.25,
         reuse_cache: bool = True,
+        answer_timeout_s: float = 900.0,
     ) -> None:
         """Episodes played with this generator as their policy (run_episode) are counted
         while in flight; a batch waits until every one of them has its prompt in, or
@@ -100,13 +101,15 @@ class BatchedGenerator:
         longer than an env step, and each group waits for the other's generate.
 
         ``reuse_cache``: keep each episode's KV cache between its turns (memory: one
-        cache per episode in flight)."""
+        cache per episode in flight). ``answer_timeout_s``: a prompt not answered by
+        then fails its episode loudly instead of leaving the run waiting."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.max_batch = max_batch
         self.gather_s = gather_s
+        self.answer_timeout_s = answer_timeout_s
         self.reuse_cache = reuse_cache
         self._caches: dict[Hashable, CachedPrefix] = {}
         self._live: set[Hashable] = set()  # episodes in flight, by key
@@ -152,7 +155,13 @@ class BatchedGenerator:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((prompt_ids, key, future))
         self._wakeup.set()
-        return await future
+        try:
+            return await asyncio.wait_for(future, self.answer_timeout_s)
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"no generation for a prompt after {self.answer_timeout_s:.0f}s "
+                f"({len(self._pending)} prompts pending, {self.in_flight} episodes in flight)"
+            ) from exc
 
     async def _loop(self) -> None:
         while True:

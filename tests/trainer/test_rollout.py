@@ -119,3 +119,12 @@ async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the
         for prev, t in itertools.pairwise(e.turns)
     )
     assert forwarded[1] == first_turns + later < full
+
+
+async def test_a_prompt_left_unanswered_fails_loudly(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = BatchedGenerator(model, tokenizer, answer_timeout_s=0.2)
+    # Not entered: no loop answers, as if it had stopped.
+    with pytest.raises(TimeoutError, match="no generation for a prompt after"):
+        await generator.generate([1, 2, 3])
