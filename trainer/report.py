@@ -186,8 +186,16 @@ def _curve(
     return xs, [statistics.fmean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
 
 
-def plot(groups: dict[str, list[Run]], x_key: str, xlabel: str, path: Path) -> Path:
-    """Success against ``x_key`` on each split: a line per method, a band over seeds."""
+def plot(
+    groups: dict[str, list[Run]],
+    x_key: str,
+    xlabel: str,
+    path: Path,
+    metric: str = "success",
+    ylabel: str = "success %",
+) -> Path:
+    """``eval_<split>_<metric>`` against ``x_key`` on each split: a line per method, a
+    band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +204,7 @@ def plot(groups: dict[str, list[Run]], x_key: str, xlabel: str, path: Path) -> P
     figure, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), sharey=True)
     for axis, split in zip(axes, SPLITS, strict=True):
         for method, runs in groups.items():
-            xs, mean, low, high = _curve(runs, x_key, f"eval_{split}_success")
+            xs, mean, low, high = _curve(runs, x_key, f"eval_{split}_{metric}")
             if len(xs) == 1:  # no training (e.g. the warm start): a level line
                 axis.axhline(100 * mean[0], linestyle=":", color="gray", label=method)
                 continue
@@ -211,7 +219,9 @@ def plot(groups: dict[str, list[Run]], x_key: str, xlabel: str, path: Path) -> P
         axis.set_title(split)
         axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("success % (greedy; band: min-max over seeds)")
+    top = max(axis.get_ylim()[1] for axis in axes)
+    axes[0].set_ylim(0, max(10.0, min(100.0, 1.1 * top)))  # all-zero curves: no 1e-17 scale
+    axes[0].set_ylabel(f"{ylabel} (greedy; band: min-max over seeds)")
     axes[-1].legend(fontsize=8, loc="best")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,4 +261,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
     (out / "table.md").write_text(markdown(groups) + "\n")
     plot(groups, "step", "training step", out / "success_vs_steps.png")
     plot(groups, "teacher_tokens_total", "teacher tokens", out / "success_vs_teacher_tokens.png")
+    for metric in ("invalid_rate", "repeated_rate"):
+        label = metric.replace("_rate", " actions %")
+        plot(groups, "step", "training step", out / f"{metric}_vs_steps.png", metric, label)
     return out / "table.md"
