@@ -283,7 +283,11 @@ async def test_swap_under_load_fails_no_request_and_switches_models(
         info = await teacher.load(
             LoadModelRequest(name="tiny-b", source=str(tiny_model_dir_b), activate=True)
         )
-        await asyncio.sleep(0.3)
+        # Until the new model has answered (bounded): a busy machine may take longer
+        # than any fixed pause.
+        deadline = time.monotonic() + 30
+        while "tiny-b" not in seen[-4:] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         stop.set()
         await asyncio.gather(*loops)
         models = {m.name: m for m in await teacher.models()}
