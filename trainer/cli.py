@@ -250,8 +250,14 @@ def up(
     teacher_port: int = typer.Option(8200),
 ) -> None:
     """Start the env service (and a teacher service) on loopback; stop them on Ctrl-C."""
+    import signal
+
     from trainer.stack import local_stack
 
+    # Ctrl-C stops us even when the process that started us ignored SIGINT (an ignored
+    # signal is inherited across exec; some JVM launchers ignore it in their parent).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked mask is inherited too
     with local_stack(teacher, env_port, teacher_port) as services:
         for name, service in services.items():
             typer.echo(f"{name} service ready at {service.url}")
