@@ -108,6 +108,7 @@ def prepare_command(
     from pathlib import Path
 
     from trainer.config import PrepareConfig, load_config
+    from trainer.evaluate import ForcedResult
     from trainer.prepare import prepare
 
     start = time.perf_counter()
@@ -121,6 +122,8 @@ def prepare_command(
         if "valid_unseen" in part:
             line += f", valid_unseen success {part['valid_unseen']['success']:.1%}"
         typer.echo(line)
+        if "valid_unseen_forced" in part:
+            typer.echo(f"  {ForcedResult(**part['valid_unseen_forced']).line()}")
     judge = summary["judge"]
     per_label = ", ".join(
         f"{k.split('_')[1]} {v:.1%}" for k, v in judge.items() if k.startswith("agreement_")
@@ -137,11 +140,19 @@ def eval_command(
     history: int = typer.Option(None, help="Turns of history; default: the model's agent.json."),
     max_turns: int = typer.Option(None),
     limit: int = typer.Option(None, help="Only the first N tasks."),
+    forced: bool = typer.Option(
+        False,
+        "--teacher-forced",
+        help="Also score the greedy answer on each turn of the expert's own episodes, "
+        "per kind of action.",
+    ),
 ) -> None:
     """Greedy success of a model on a split, through the env service."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.prepare import env_service, evaluate_model, read_agent_info
+    from client.prompts import ChatRenderer
+    from trainer.evaluate import teacher_forced
+    from trainer.prepare import env_service, evaluate_model, expert_episodes, read_agent_info
 
     info = read_agent_info(model)
     history = history if history is not None else info.get("history")
@@ -161,7 +172,11 @@ def eval_command(
                 show_admissible=info.get("show_admissible", True),
             )
         )
-    typer.echo(result.line())
+        typer.echo(result.line())
+        if forced:
+            experts = asyncio.run(expert_episodes(url, split, limit, max_turns))
+            renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
+            typer.echo(teacher_forced(policy, renderer, experts, history).line())
 
 
 @app.command("train")

@@ -104,9 +104,10 @@ async def gather(
     concurrency: int = 32,
     desc: str = "episodes",
     progress: bool = True,
+    env_name: str = "household",
 ) -> list[Trajectory]:
     return await play_many(
-        lambda t: play_with_expert(env, split, t, noise, seed, max_turns),
+        lambda t: play_with_expert(env, split, t, noise, seed, max_turns, env_name),
         task_ids,
         concurrency,
         desc,

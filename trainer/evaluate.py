@@ -1,10 +1,20 @@
-"""Evaluation: play every task of a split greedily through the env service and measure it."""
+"""Evaluation: play every task of a split greedily through the env service and measure it;
+or, faster and finer, score a model's greedy answers on the expert's own episodes."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from client.prompts import ChatRenderer, History
 from trainer.rollout import EpisodeRecord
+
+if TYPE_CHECKING:
+    from trainer.data import Trajectory
 
 
 @dataclass(frozen=True)
@@ -37,4 +47,81 @@ def summarize(split: str, episodes: list[EpisodeRecord]) -> EvalResult:
         avg_turns=len(turns) / max(1, len(episodes)),
         invalid_rate=sum(not t.admissible for t in turns) / n_turns,
         repeated_rate=sum(t.repeated for t in turns) / n_turns,
+    )
+
+
+@dataclass(frozen=True)
+class ForcedResult:
+    """How often a model's greedy response is the expert's, in the expert's own contexts.
+
+    Each turn of an expert episode is shown as the expert lived it (its earlier actions
+    in the history); a turn counts when every token the model would generate greedily
+    there, end-of-turn included, is the expert's. One forward pass per episode instead
+    of a rollout, and it separates the kinds of action a model has not learned.
+    """
+
+    split: str
+    turns: int
+    exact: float  # share of turns answered exactly as the expert did
+    episodes_exact: float  # share of episodes with every turn exact
+    by_verb: dict[str, float]  # the same share per action kind ("go", "take", ...)
+
+    def line(self) -> str:
+        verbs = ", ".join(f"{verb} {share:.1%}" for verb, share in self.by_verb.items())
+        return (
+            f"{self.split}, teacher-forced on the expert's episodes: {self.exact:.1%} of "
+            f"{self.turns} turns exact, {self.episodes_exact:.1%} of episodes ({verbs})"
+        )
+
+
+def teacher_forced(
+    model: Any,
+    renderer: ChatRenderer,
+    trajectories: Sequence[Trajectory],
+    history: History,
+    batch_size: int = 16,
+) -> ForcedResult:
+    """Score ``model`` on expert ``trajectories`` (see ForcedResult)."""
+    from trainer.data import executed_turns
+    from trainer.sft import Example, collate
+
+    contexts = []  # (episode index, input ids, spans, expert action of each span)
+    for e, trajectory in enumerate(trajectories):
+        actions = [step.expert_action or step.action for step in trajectory.steps]
+        turns = executed_turns(renderer, trajectory)
+        for rendered in renderer.contexts(trajectory.task, turns, history):
+            spans = rendered.spans
+            named = [actions[t] for t in rendered.turns[-len(spans) :]]
+            contexts.append((e, rendered.input_ids, spans, named))
+    hits: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    episode_ok = [True] * len(trajectories)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(contexts), batch_size):
+            chunk = contexts[start : start + batch_size]
+            batch = collate(
+                [Example(ids, []) for _, ids, _, _ in chunk], renderer.tokenizer.pad_token_id
+            )
+            logits_BLV = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
+            greedy_BL = logits_BLV.argmax(-1).cpu()
+            for b, (e, ids, spans, named) in enumerate(chunk):
+                for (first, end), action in zip(spans, named, strict=True):
+                    # The logits at position p - 1 choose the token at p.
+                    exact = greedy_BL[b, first - 1 : end - 1].tolist() == ids[first:end]
+                    verb = action.split(" ", 1)[0]
+                    totals[verb] += 1
+                    hits[verb] += exact
+                    episode_ok[e] &= exact
+    count = sum(totals.values())
+    return ForcedResult(
+        split=trajectories[0].split if trajectories else "",
+        turns=count,
+        exact=sum(hits.values()) / max(1, count),
+        episodes_exact=sum(episode_ok) / max(1, len(trajectories)),
+        by_verb={verb: hits[verb] / totals[verb] for verb, _ in totals.most_common()},
     )

@@ -30,7 +30,7 @@ from client.prompts import ChatRenderer
 from client.protocol import LABELS
 from trainer.config import PrepareConfig, SFTConfig
 from trainer.data import Trajectory, agent_sequences, corpus, gather, judge_examples
-from trainer.evaluate import EvalResult, summarize
+from trainer.evaluate import EvalResult, summarize, teacher_forced
 from trainer.models import build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator, run_episodes
 from trainer.sft import Example, collate, sft
@@ -232,7 +232,12 @@ def prepare(
         summary["student"] = _model_summary(student, student_examples, student_log)
         if evaluate:
             start = time.perf_counter()
+            experts = asyncio.run(
+                expert_episodes(url, "valid_unseen", config.eval_tasks, config.max_turns)
+            )
             for name, model in (("teacher", teacher), ("student", student)):
+                forced = teacher_forced(model, renderer, experts, config.history)
+                summary[name]["valid_unseen_forced"] = asdict(forced)
                 result = asyncio.run(
                     evaluate_model(
                         model,
@@ -253,6 +258,16 @@ def prepare(
     shutil.rmtree(out, ignore_errors=True)
     building.rename(out)
     return out
+
+
+async def expert_episodes(
+    env_url: str, split: str, limit: int | None, max_turns: int, env_name: str = "household"
+) -> list[Trajectory]:
+    """The expert's own episodes on ``split`` (all tasks, or the first ``limit``)."""
+    async with EnvClient(env_url, max_connections=64) as env:
+        size = await env.split_size(env_name, split)
+        ids = list(range(size if limit is None else min(limit, size)))
+        return await gather(env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name)
 
 
 async def _gather_all(

@@ -67,6 +67,11 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
     assert 0.0 <= summary["teacher"]["valid_unseen"]["success"] <= 1.0
     assert 0.0 <= summary["judge"]["agreement"] <= 1.0
     assert "judge agreement on held-out examples" in output
+    # Three expert episodes of valid_unseen, every turn scored, in 1-turn windows.
+    forced = summary["student"]["valid_unseen_forced"]
+    assert forced["split"] == "valid_unseen" and forced["turns"] >= 3
+    assert "go" in forced["by_verb"]  # every episode starts by walking somewhere
+    assert "valid_unseen, teacher-forced on the expert's episodes" in output
 
 
 def test_a_second_prepare_with_the_same_config_reuses_the_cache(prepared) -> None:  # noqa: ANN001
@@ -89,6 +94,18 @@ def test_the_prepared_teacher_serves_scores_in_the_teacher_service(prepared, ser
 
     assert asyncio.run(score()) < 0
     assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_eval_prints_success_and_the_teacher_forced_score(prepared, serve) -> None:  # noqa: ANN001
+    folder, _ = prepared
+    url = serve(create_env_app(EnvSettings()))
+    args = ["eval", "--model", str(folder / "teacher"), "--limit", "2", "--env-url", url]
+    result = CliRunner().invoke(app, [*args, "--teacher-forced"])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.strip().splitlines()]  # past progress bars
+    assert lines[-2].startswith("valid_unseen: success ") and "over 2 tasks" in lines[-2]
+    assert lines[-1].startswith("valid_unseen, teacher-forced on the expert's episodes: ")
+    assert "of episodes (go " in lines[-1]
 
 
 def test_config_overrides_are_typed_and_unknown_keys_refused(tmp_path: Path) -> None:
