@@ -90,9 +90,8 @@ def teacher_forced(
         actions = [step.expert_action or step.action for step in trajectory.steps]
         turns = executed_turns(renderer, trajectory)
         for rendered in renderer.contexts(trajectory.task, turns, history):
-            spans = rendered.spans
-            named = [actions[t] for t in rendered.turns[-len(spans) :]]
-            contexts.append((e, rendered.input_ids, spans, named))
+            named = [actions[t] for t in rendered.turns]  # one turn per trained span
+            contexts.append((e, rendered.input_ids, rendered.spans, named))
     hits: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     episode_ok = [True] * len(trajectories)

@@ -81,6 +81,12 @@ def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+async def task_count(env: EnvClient, env_name: str, split: str, limit: int | None) -> int:
+    """How many tasks of ``split`` an evaluation plays: all, or the first ``limit``."""
+    size = await env.split_size(env_name, split)
+    return size if limit is None else min(limit, size)
+
+
 async def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -96,8 +102,7 @@ async def evaluate_model(
     """Greedy success of ``model`` on ``split`` (all tasks, or the first ``limit``)."""
     renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
     async with EnvClient(env_url, max_connections=64) as env:
-        size = await env.split_size(env_name, split)
-        count = size if limit is None else min(limit, size)
+        count = await task_count(env, env_name, split, limit)
         async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
             episodes = await run_episodes(
                 env,
@@ -265,8 +270,7 @@ async def expert_episodes(
 ) -> list[Trajectory]:
     """The expert's own episodes on ``split`` (all tasks, or the first ``limit``)."""
     async with EnvClient(env_url, max_connections=64) as env:
-        size = await env.split_size(env_name, split)
-        ids = list(range(size if limit is None else min(limit, size)))
+        ids = list(range(await task_count(env, env_name, split, limit)))
         return await gather(env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name)
 
 
