@@ -47,12 +47,13 @@ class DataConfig(Frozen):
 
     expert_tasks: int = 1500  # expert episodes for the teacher
     recovery_tasks: int = 1500  # noisy episodes, each state labelled with the expert's action
-    recovery_noise: float = 0.3  # chance of a random admissible action per step
+    recovery_noise: float = 0.3  # chance per step of a deviation from the expert
     judge_tasks: int = 1500  # noisy episodes whose turns become judge examples
     judge_noise: float = 0.5
+    near_miss: float = 0.5  # share of noisy steps that are near misses (trainer/data.py)
     judge_holdout: float = 0.1  # share of judge examples kept out of training
     judge_turns_per_episode: int | None = None  # None: every turn; k: k label-balanced turns
-    student_tasks: int = 40  # expert episodes for the student's warm start
+    student_tasks: int = 40  # the student's warm start: the first N expert and N recovery episodes
     seed: int = 0
 
 

@@ -4,7 +4,8 @@ A (possibly noisy) policy plays train tasks; at every state the env service's
 expert says what it would do and how many steps it still needs. That gives:
 - expert trajectories (no noise): what the agent should do;
 - recovery data: states a noisy policy reached, each labelled with the expert's
-  action from there (the agent learns to get back on track);
+  action from there (the agent learns to get back on track); the noise is random
+  admissible actions and near misses (the expert's action with a wrong number);
 - judge examples: each executed action with the environment's feedback, labelled
   Skip when it brought the goal closer (the expert's remaining steps fell),
   Weak when it was admissible but changed nothing, Strong when it failed, was
@@ -14,6 +15,7 @@ expert says what it would do and how many steps it still needs. That gives:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from client.env import EnvClient
@@ -66,8 +68,13 @@ async def play_with_expert(
     seed: int,
     max_turns: int | None = None,
     env_name: str = "household",
+    near_miss: float = 0.0,
 ) -> Trajectory:
-    """Follow the expert, taking a random admissible action with probability ``noise``."""
+    """Follow the expert, deviating with probability ``noise``.
+
+    A deviation is, with probability ``near_miss``, the expert's action with one
+    number changed (see :func:`near_miss_action`), else a random admissible action.
+    """
     rng = random.Random(f"{seed}:{split}:{task_id}:{noise}")
     session = env.open_session(env=env_name, split=split, task_id=task_id, max_turns=max_turns)  # type: ignore[arg-type]
     async with session as created:
@@ -77,7 +84,10 @@ async def play_with_expert(
         while not result.done:
             action = advice.action
             if action is None or rng.random() < noise:
-                action = rng.choice(result.admissible_actions)
+                slip = None
+                if near_miss > 0 and rng.random() < near_miss:
+                    slip = near_miss_action(action, rng)
+                action = slip or rng.choice(result.admissible_actions)
             step = Step(
                 observation=result.observation,
                 admissible_actions=result.admissible_actions,
@@ -94,6 +104,22 @@ async def play_with_expert(
     return trajectory
 
 
+def near_miss_action(action: str | None, rng: random.Random) -> str | None:
+    """``action`` with one of its numbers changed ("take mug 2 from shelf 1" -> "... shelf 3").
+
+    The slip a half-trained agent makes: it names the right thing with the wrong
+    instance, which mostly is not there ("Nothing happens."). Data with such slips
+    teaches the teacher to recover from them and the judge to call them Strong.
+    None when ``action`` has no number.
+    """
+    numbers = list(re.finditer(r"\d+", action or ""))
+    if action is None or not numbers:
+        return None
+    match = rng.choice(numbers)
+    other = rng.choice([n for n in range(1, 6) if n != int(match.group())])
+    return f"{action[: match.start()]}{other}{action[match.end() :]}"
+
+
 async def gather(
     env: EnvClient,
     task_ids: list[int],
@@ -105,9 +131,10 @@ async def gather(
     desc: str = "episodes",
     progress: bool = True,
     env_name: str = "household",
+    near_miss: float = 0.0,
 ) -> list[Trajectory]:
     return await play_many(
-        lambda t: play_with_expert(env, split, t, noise, seed, max_turns, env_name),
+        lambda t: play_with_expert(env, split, t, noise, seed, max_turns, env_name, near_miss),
         task_ids,
         concurrency,
         desc,

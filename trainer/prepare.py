@@ -58,7 +58,6 @@ def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
         ("expert", config.data.expert_tasks),
         ("recovery", config.data.recovery_tasks),
         ("judge", config.data.judge_tasks),
-        ("student", config.data.student_tasks),
     ]
     out, start = {}, 0
     for name, n in sizes:
@@ -220,7 +219,10 @@ def prepare(
         (building / "teacher" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
 
-        student_examples = agent_sequences(renderer, trajectories["student"], config.history)
+        # The student warms up on a subset of the teacher's own agent data.
+        n = config.data.student_tasks
+        student_data = trajectories["expert"][:n] + trajectories["recovery"][:n]
+        student_examples = agent_sequences(renderer, student_data, config.history)
         student, student_log, timings["student_sft_s"] = train_model(
             "student sft",
             tokenizer,
@@ -278,13 +280,19 @@ async def _gather_all(
     config: PrepareConfig, url: str, progress: bool
 ) -> dict[str, list[Trajectory]]:
     ranges = task_ranges(config)
-    noise = {
+    noise = {  # every noisy step is a near miss with probability data.near_miss
         "expert": 0.0,
         "recovery": config.data.recovery_noise,
         "judge": config.data.judge_noise,
-        "student": 0.0,
     }
     async with EnvClient(url, max_connections=64) as env:
+        size = await env.split_size(config.env, "train")
+        needed = max((ids[-1] + 1 for ids in ranges.values() if ids), default=0)
+        if needed > size:
+            raise ValueError(
+                f"data asks for {needed} distinct train tasks (expert, recovery, judge and "
+                f"student tasks together), but {config.env}'s train split has {size}"
+            )
         out = {}
         for name, level in noise.items():
             out[name] = await gather(
@@ -295,6 +303,8 @@ async def _gather_all(
                 max_turns=config.max_turns,
                 desc=f"{name} episodes",
                 progress=progress,
+                env_name=config.env,
+                near_miss=config.data.near_miss,
             )
     return out
 

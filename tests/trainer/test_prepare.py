@@ -61,9 +61,17 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
             folder / name / "tokenizer.json"
         ).exists()
         assert json.loads((folder / name / "agent.json").read_text())["history"] == 1
-    assert {"expert.jsonl", "recovery.jsonl", "judge.jsonl", "student.jsonl"} <= {
+    assert {"expert.jsonl", "recovery.jsonl", "judge.jsonl"} <= {
         p.name for p in (folder / "data").iterdir()
     }
+    # The student warms up on the first student_tasks expert and recovery episodes
+    # (1-turn windows: one example per turn).
+    warm = [
+        json.loads(line)
+        for name in ("expert", "recovery")
+        for line in (folder / "data" / f"{name}.jsonl").read_text().splitlines()[:3]
+    ]
+    assert summary["student"]["examples"] == sum(len(t["steps"]) for t in warm)
     assert 0.0 <= summary["teacher"]["valid_unseen"]["success"] <= 1.0
     assert 0.0 <= summary["judge"]["agreement"] <= 1.0
     assert "judge agreement on held-out examples" in output
@@ -117,3 +125,15 @@ def test_config_overrides_are_typed_and_unknown_keys_refused(tmp_path: Path) -> 
     with pytest.raises(ValueError):
         load_config(PrepareConfig, path, ["data.expert_taks=5"])
     assert load_config(PrepareConfig, None).digest() == PrepareConfig().digest()
+
+
+def test_prepare_refuses_more_tasks_than_the_train_split_has_before_gathering(
+    tmp_path: Path, serve
+) -> None:  # noqa: ANN001
+    from trainer.prepare import prepare
+
+    url = serve(create_env_app(EnvSettings()))
+    greedy = TINY.model_copy(update={"data": DataConfig(expert_tasks=3000, recovery_tasks=600)})
+    with pytest.raises(ValueError, match="5100 distinct train tasks .* train split has 3553"):
+        prepare(greedy, tmp_path, url, progress=False, evaluate=False)
+    assert not any(tmp_path.glob("prepare-*"))  # nothing cached

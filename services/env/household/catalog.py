@@ -216,8 +216,10 @@ TASK_OBJECTS_FOR_VERB: dict[str, frozenset[str]] = {
     ),
 }
 
-LAYOUTS_PER_ROOM = 8
-UNSEEN_LAYOUTS_PER_ROOM = 2  # the last two of each room: never used by train / valid_seen
+# Many layouts per room type, so that an agent learns to read the room description
+# rather than each train room's search order by heart (with six it did).
+LAYOUTS_PER_ROOM = 32
+UNSEEN_LAYOUTS_PER_ROOM = 4  # the last four of each room: never used by train / valid_seen
 MIN_RECEPTACLES, MAX_RECEPTACLES = 8, 16
 MAX_OBJECTS_PER_RECEPTACLE = 4
 
