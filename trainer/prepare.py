@@ -287,11 +287,11 @@ async def _gather_all(
     }
     async with EnvClient(url, max_connections=64) as env:
         size = await env.split_size(config.env, "train")
-        needed = max((ids[-1] + 1 for ids in ranges.values() if ids), default=0)
+        needed = sum(len(ids) for ids in ranges.values())  # the ranges are disjoint
         if needed > size:
             raise ValueError(
-                f"data asks for {needed} distinct train tasks (expert, recovery, judge and "
-                f"student tasks together), but {config.env}'s train split has {size}"
+                f"data asks for {needed} distinct train tasks (expert, recovery and judge "
+                f"tasks together), but {config.env}'s train split has {size}"
             )
         out = {}
         for name, level in noise.items():
