@@ -124,6 +124,12 @@ def prepare_command(
         typer.echo(line)
         if "valid_unseen_forced" in part:
             typer.echo(f"  {ForcedResult(**part['valid_unseen_forced']).line()}")
+    if "dagger" in summary:
+        dagger = summary["dagger"]
+        typer.echo(
+            f"teacher DAgger: {dagger['episodes']} own episodes ({dagger['deviations']:.1%} of "
+            f"steps off the expert's action, {dagger['won']:.1%} won), {dagger['steps']} steps"
+        )
     judge = summary["judge"]
     per_label = ", ".join(
         f"{k.split('_')[1]} {v:.1%}" for k, v in judge.items() if k.startswith("agreement_")

@@ -54,7 +54,24 @@ class DataConfig(Frozen):
     judge_holdout: float = 0.1  # share of judge examples kept out of training
     judge_turns_per_episode: int | None = None  # None: every turn; k: k label-balanced turns
     student_tasks: int = 40  # the student's warm start: the first N expert and N recovery episodes
+    # DAgger after the teacher's SFT: each round the teacher plays dagger_tasks train tasks
+    # (following itself with chance dagger_noise per step, else the expert), every state
+    # is labelled with the expert's action, and the teacher is fine-tuned on them.
+    dagger_rounds: int = 0
+    dagger_tasks: int = 400  # per round, taken in turn from the expert and recovery tasks
+    dagger_noise: float = 0.5
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _dagger_tasks_exist(self) -> DataConfig:
+        wanted = self.dagger_rounds * self.dagger_tasks
+        if wanted > self.expert_tasks + self.recovery_tasks:
+            raise ValueError(
+                f"{self.dagger_rounds} DAgger rounds of {self.dagger_tasks} tasks need "
+                f"{wanted} tasks, more than the {self.expert_tasks + self.recovery_tasks} "
+                "expert and recovery tasks they are taken from"
+            )
+        return self
 
 
 class PrepareConfig(Frozen):
@@ -70,6 +87,8 @@ class PrepareConfig(Frozen):
     student: LlamaShape = LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384)
     data: DataConfig = DataConfig()
     teacher_sft: SFTConfig = SFTConfig(epochs=2.0)
+    # Each DAgger round: the round's examples plus as many of the teacher's first ones.
+    dagger_sft: SFTConfig = SFTConfig(epochs=1.0, lr=1e-3, warmup_steps=50)
     student_sft: SFTConfig = SFTConfig(epochs=3.0, lr=2e-3)
     eval_tasks: int | None = None  # None: every task of each eval split
     seed: int = 0

@@ -5,7 +5,9 @@ expert says what it would do and how many steps it still needs. That gives:
 - expert trajectories (no noise): what the agent should do;
 - recovery data: states a noisy policy reached, each labelled with the expert's
   action from there (the agent learns to get back on track); the noise is random
-  admissible actions and near misses (the expert's action with a wrong number);
+  admissible actions and near misses (the expert's action with a wrong number),
+  or a model's own actions (DAgger: the model learns to recover from the
+  mistakes it makes itself, such as taking an object that is not there);
 - judge examples: each executed action with the environment's feedback, labelled
   Skip when it brought the goal closer (the expert's remaining steps fell),
   Weak when it was admissible but changed nothing, Strong when it failed, was
@@ -14,14 +16,19 @@ expert says what it would do and how many steps it still needs. That gives:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from client.env import EnvClient
-from client.prompts import ChatRenderer, History, agent_response, label_word
+from client.prompts import ChatRenderer, History, agent_response, label_word, parse_action
 from client.protocol import EpisodeTurn, Label
 from trainer.baselines import play_many
+
+if TYPE_CHECKING:
+    from trainer.rollout import BatchedGenerator
 from trainer.sft import Example
 
 NOTHING_HAPPENS = "Nothing happens."
@@ -69,23 +76,35 @@ async def play_with_expert(
     max_turns: int | None = None,
     env_name: str = "household",
     near_miss: float = 0.0,
+    policy: ModelPolicy | None = None,
 ) -> Trajectory:
     """Follow the expert, deviating with probability ``noise``.
 
-    A deviation is, with probability ``near_miss``, the expert's action with one
-    number changed (see :func:`near_miss_action`), else a random admissible action.
+    A deviation is the ``policy`` model's action when one is given, else, with
+    probability ``near_miss``, the expert's action with one number changed (see
+    :func:`near_miss_action`), else a random admissible action. The model is asked
+    every turn (its batches then hold every episode in flight) and sees the episode
+    as lived, rendered as in training.
     """
     rng = random.Random(f"{seed}:{split}:{task_id}:{noise}")
     session = env.open_session(env=env_name, split=split, task_id=task_id, max_turns=max_turns)  # type: ignore[arg-type]
-    async with session as created:
+    in_flight = policy.generator.episode(key := object()) if policy else contextlib.nullcontext()
+    async with in_flight, session as created:
         trajectory = Trajectory(split, task_id, created.task.goal, created.task.task_type)
         result = created.first
         advice = await env.expert(created.session_id, steps_left=True)
         while not result.done:
             action = advice.action
+            own = None
+            if policy is not None:
+                own = await policy.act(
+                    trajectory, result.observation, result.admissible_actions, key
+                )
             if action is None or rng.random() < noise:
                 slip = None
-                if near_miss > 0 and rng.random() < near_miss:
+                if own is not None:
+                    slip = own or None  # an unreadable response: a random action instead
+                elif near_miss > 0 and rng.random() < near_miss:
                     slip = near_miss_action(action, rng)
                 action = slip or rng.choice(result.admissible_actions)
             step = Step(
@@ -102,6 +121,25 @@ async def play_with_expert(
             trajectory.steps.append(step)
         trajectory.won = result.won
     return trajectory
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """A model playing as the agent would: its prompt rendered from the episode so far."""
+
+    generator: BatchedGenerator
+    renderer: ChatRenderer
+    history: History
+
+    async def act(
+        self, trajectory: Trajectory, observation: str, admissible: list[str], key: object
+    ) -> str:
+        """The model's action here ("" when its response names none)."""
+        turns = executed_turns(self.renderer, trajectory)
+        prompt = self.renderer.prompt(trajectory.task, turns, observation, admissible, self.history)
+        sample = await self.generator.generate(prompt, key=key)
+        text = self.renderer.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+        return parse_action(text) or ""
 
 
 def near_miss_action(action: str | None, rng: random.Random) -> str | None:
@@ -132,9 +170,12 @@ async def gather(
     progress: bool = True,
     env_name: str = "household",
     near_miss: float = 0.0,
+    policy: ModelPolicy | None = None,
 ) -> list[Trajectory]:
     return await play_many(
-        lambda t: play_with_expert(env, split, t, noise, seed, max_turns, env_name, near_miss),
+        lambda t: play_with_expert(
+            env, split, t, noise, seed, max_turns, env_name, near_miss, policy
+        ),
         task_ids,
         concurrency,
         desc,
@@ -180,14 +221,20 @@ def agent_examples(
 
 
 def agent_sequences(
-    renderer: ChatRenderer, trajectories: list[Trajectory], history: History
+    renderer: ChatRenderer,
+    trajectories: list[Trajectory],
+    history: History,
+    deviations: bool = False,
 ) -> list[Example]:
     """SFT examples teaching the expert's action in the contexts the agent lived.
 
     With the whole history, one sequence per trajectory learns every turn whose
     executed action was the expert's (a noisy turn stays in the context, unlearned):
-    the cost is one pass over the episode instead of one per turn. With a window,
-    each turn is its own example, its target the expert's action.
+    the cost is one pass over the episode instead of one per turn. ``deviations``:
+    each turn that deviated is learnt too, as an example of its own (its context as
+    lived, the expert's action as the target), so every state is labelled, as DAgger
+    wants for a model's own episodes. With a window, each turn is its own example,
+    its target the expert's action.
     """
     if history is not None:
         return [
@@ -196,12 +243,18 @@ def agent_sequences(
         ]
     out = []
     for trajectory in trajectories:
-        rendered = renderer.episode(trajectory.task, executed_turns(renderer, trajectory))
-        spans = [
-            span
-            for span, step in zip(rendered.spans, trajectory.steps, strict=True)
-            if step.action == step.expert_action
-        ]
+        turns = executed_turns(renderer, trajectory)
+        rendered = renderer.episode(trajectory.task, turns)
+        spans = []
+        for t, (span, step) in enumerate(zip(rendered.spans, trajectory.steps, strict=True)):
+            if step.action == step.expert_action:
+                spans.append(span)
+            elif deviations and step.expert_action is not None:
+                prompt = renderer.prompt(
+                    trajectory.task, turns[:t], step.observation, step.admissible_actions, None
+                )
+                target = response_ids(renderer, step.expert_action)
+                out.append(Example.prompt_and_target(prompt, target))
         if spans:
             out.append(Example(rendered.input_ids, spans))
     return out

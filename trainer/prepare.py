@@ -4,7 +4,11 @@ Everything is gathered through the env service and saved as Hugging Face
 artifacts under ``artifacts/prepare-<config hash>/``: ``teacher/`` and
 ``student-init/`` (each with its tokenizer and an ``agent.json`` naming the
 history the model was trained with), ``data/`` (the trajectories) and
-``summary.json``. A second call with the same config finds the summary and
+``summary.json``. With ``data.dagger_rounds``, the SFT teacher then plays train
+tasks itself, the expert labels every state it reaches, and it is fine-tuned on
+them (DAgger): it learns to recover from its own mistakes, which no hand-made
+noise imitates well (such as taking an object that is not there, then trying
+again). A second call with the same config finds the summary and
 returns at once. The folder is written under a temporary name and renamed at
 the end, so an interrupted run leaves no half-built cache behind.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import shutil
 import time
 from collections import Counter
@@ -29,7 +34,14 @@ from client.env import EnvClient
 from client.prompts import ChatRenderer
 from client.protocol import LABELS
 from trainer.config import PrepareConfig, SFTConfig
-from trainer.data import Trajectory, agent_sequences, corpus, gather, judge_examples
+from trainer.data import (
+    ModelPolicy,
+    Trajectory,
+    agent_sequences,
+    corpus,
+    gather,
+    judge_examples,
+)
 from trainer.evaluate import EvalResult, summarize, teacher_forced
 from trainer.models import build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator, run_episodes
@@ -215,6 +227,14 @@ def prepare(
             config.seed,
             progress,
         )
+        if config.data.dagger_rounds:
+            start = time.perf_counter()
+            trajectories["dagger"], dagger_log = _dagger(
+                config, teacher, renderer, teacher_examples, url, progress
+            )
+            timings["dagger_s"] = time.perf_counter() - start
+            _save_trajectories(building / "data", {"dagger": trajectories["dagger"]})
+            summary["dagger"] = _dagger_summary(trajectories["dagger"], dagger_log)
         save_model(teacher, tokenizer, building / "teacher")
         (building / "teacher" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
@@ -265,6 +285,89 @@ def prepare(
     shutil.rmtree(out, ignore_errors=True)
     building.rename(out)
     return out
+
+
+def _dagger(
+    config: PrepareConfig,
+    teacher: Any,
+    renderer: ChatRenderer,
+    first_examples: list[Example],
+    url: str,
+    progress: bool,
+) -> tuple[list[Trajectory], list[dict[str, float]]]:
+    """DAgger rounds (see DataConfig): the teacher's own episodes, then fine-tuning on them.
+
+    Each round plays the next ``dagger_tasks`` of the expert and recovery tasks with
+    the teacher (greedy) in charge with chance ``dagger_noise`` per step, labels every
+    state with the expert's action, and fine-tunes on those examples plus as many of
+    the teacher's first examples, drawn at random, so that it keeps what it knew.
+    """
+    pool = task_ranges(config)["expert"] + task_ranges(config)["recovery"]
+    n = config.data.dagger_tasks
+    rng = random.Random(config.data.seed)
+    episodes: list[Trajectory] = []
+    log_: list[dict[str, float]] = []
+    for round_ in range(config.data.dagger_rounds):
+        played = asyncio.run(
+            _play_own(
+                config,
+                teacher,
+                renderer,
+                pool[round_ * n : (round_ + 1) * n],
+                round_,
+                url,
+                progress,
+            )
+        )
+        episodes += played
+        own = agent_sequences(renderer, played, config.history, deviations=True)
+        replay = rng.sample(first_examples, min(len(own), len(first_examples)))
+        log_ += sft(
+            teacher,
+            own + replay,
+            config.dagger_sft,
+            renderer.tokenizer.pad_token_id,
+            desc=f"dagger round {round_ + 1}",
+            progress=progress,
+        )
+    return episodes, log_
+
+
+async def _play_own(
+    config: PrepareConfig,
+    model: Any,
+    renderer: ChatRenderer,
+    task_ids: list[int],
+    round_: int,
+    url: str,
+    progress: bool,
+) -> list[Trajectory]:
+    async with (
+        EnvClient(url, max_connections=64) as env,
+        BatchedGenerator(model, renderer.tokenizer, temperature=0.0) as generator,
+    ):
+        return await gather(
+            env,
+            task_ids,
+            config.data.dagger_noise,
+            config.data.seed + round_,
+            max_turns=config.max_turns,
+            concurrency=64,
+            desc=f"dagger round {round_ + 1} episodes",
+            progress=progress,
+            env_name=config.env,
+            policy=ModelPolicy(generator, renderer, config.history),
+        )
+
+
+def _dagger_summary(episodes: list[Trajectory], log_: list[dict[str, float]]) -> dict[str, Any]:
+    steps = [step for episode in episodes for step in episode.steps]
+    return {
+        "episodes": len(episodes),
+        "won": sum(episode.won for episode in episodes) / max(1, len(episodes)),
+        "deviations": sum(s.action != s.expert_action for s in steps) / max(1, len(steps)),
+        "steps": len(log_),
+    }
 
 
 async def expert_episodes(

@@ -48,3 +48,67 @@ def test_noisy_play_deviates_by_near_misses_or_admissible_actions(serve) -> None
     assert len(failed) >= len(slips) // 2 and all(s.label == "Strong" for s in failed)
     # Without near misses every deviation is one of the admissible actions.
     assert all(s.action in s.admissible_actions for s in randoms)
+
+
+def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
+    serve,  # noqa: ANN001
+    tiny_model_dir,  # noqa: ANN001
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from client.prompts import ChatRenderer
+    from services.env.household import HouseholdEnvironment
+    from trainer.config import SFTConfig
+    from trainer.data import ModelPolicy, agent_sequences, executed_turns, response_ids
+    from trainer.rollout import BatchedGenerator
+    from trainer.sft import Example, sft
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer, show_admissible=False)
+    # A model that always answers "look" (an action the expert never takes).
+    family = HouseholdEnvironment()
+    prompts = []
+    for task_id in range(6):
+        episode = family.make("train", task_id)
+        first = episode.reset()
+        prompts.append(renderer.prompt(episode.task.goal, [], first.observation, [], None))
+    look = response_ids(renderer, "look")
+    examples = [Example.prompt_and_target(p, look) for p in prompts] * 10
+    sft(
+        model,
+        examples,
+        SFTConfig(epochs=4, lr=1e-2, batch_tokens=1024),
+        tokenizer.pad_token_id,
+        progress=False,
+    )
+    url = serve(create_env_app(EnvSettings()))
+
+    def play(noise: float) -> list:
+        async def run() -> list:
+            async with EnvClient(url) as env, BatchedGenerator(model, tokenizer, 0) as generator:
+                policy = ModelPolicy(generator, renderer, None)
+                return await gather(
+                    env, [0, 1, 2], noise, 0, max_turns=4, progress=False, policy=policy
+                )
+
+        return asyncio.run(run())
+
+    own = play(noise=1.0)
+    steps = [s for t in own for s in t.steps]
+    assert len(steps) == 12 and all(s.action == "look" != s.expert_action for s in steps)
+    # With no noise the model is asked but the expert acts.
+    assert all(s.action == s.expert_action for t in play(noise=0.0) for s in t.steps)
+    # No turn followed the expert, so the whole-episode sequences learn nothing; with
+    # deviations each state is an example of its own: the context as lived, then the
+    # expert's action.
+    assert agent_sequences(renderer, own, None) == []
+    labelled = iter(agent_sequences(renderer, own, None, deviations=True))
+    for trajectory in own:
+        lived = executed_turns(renderer, trajectory)
+        for t, step in enumerate(trajectory.steps):
+            example = next(labelled)
+            context = renderer.prompt(trajectory.task, lived[:t], step.observation, [], None)
+            assert example.input_ids == context + response_ids(renderer, step.expert_action)
+            assert example.spans == [(len(context), len(example.input_ids))]
+    assert next(labelled, None) is None

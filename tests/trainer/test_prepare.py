@@ -21,7 +21,14 @@ TINY = PrepareConfig(
     vocab_size=600,
     teacher=LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
     student=LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
-    data=DataConfig(expert_tasks=6, recovery_tasks=4, judge_tasks=6, student_tasks=3),
+    data=DataConfig(
+        expert_tasks=6,
+        recovery_tasks=4,
+        judge_tasks=6,
+        student_tasks=3,
+        dagger_rounds=2,
+        dagger_tasks=2,
+    ),
     teacher_sft=SFTConfig(epochs=1, warmup_steps=1),
     student_sft=SFTConfig(epochs=1, warmup_steps=1),
     eval_tasks=3,
@@ -61,7 +68,7 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
             folder / name / "tokenizer.json"
         ).exists()
         assert json.loads((folder / name / "agent.json").read_text())["history"] == 1
-    assert {"expert.jsonl", "recovery.jsonl", "judge.jsonl"} <= {
+    assert {"expert.jsonl", "recovery.jsonl", "judge.jsonl", "dagger.jsonl"} <= {
         p.name for p in (folder / "data").iterdir()
     }
     # The student warms up on the first student_tasks expert and recovery episodes
@@ -72,6 +79,11 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
         for line in (folder / "data" / f"{name}.jsonl").read_text().splitlines()[:3]
     ]
     assert summary["student"]["examples"] == sum(len(t["steps"]) for t in warm)
+    # Two DAgger rounds of two tasks each: the first four expert and recovery tasks.
+    dagger = [json.loads(x) for x in (folder / "data" / "dagger.jsonl").read_text().splitlines()]
+    assert [t["task_id"] for t in dagger] == [0, 1, 2, 3]
+    assert summary["dagger"]["episodes"] == 4 and summary["dagger"]["steps"] >= 2
+    assert "dagger_s" in summary["timings"] and "teacher DAgger: 4 own episodes" in output
     assert 0.0 <= summary["teacher"]["valid_unseen"]["success"] <= 1.0
     assert 0.0 <= summary["judge"]["agreement"] <= 1.0
     assert "judge agreement on held-out examples" in output
@@ -125,6 +137,9 @@ def test_config_overrides_are_typed_and_unknown_keys_refused(tmp_path: Path) -> 
     with pytest.raises(ValueError):
         load_config(PrepareConfig, path, ["data.expert_taks=5"])
     assert load_config(PrepareConfig, None).digest() == PrepareConfig().digest()
+    # DAgger rounds play expert and recovery tasks: more than there are is refused.
+    with pytest.raises(ValueError, match="3 DAgger rounds of 600 tasks need 1800 tasks"):
+        load_config(PrepareConfig, path, ["data.dagger_rounds=3", "data.dagger_tasks=600"])
 
 
 def test_prepare_refuses_more_tasks_than_the_train_split_has_before_gathering(
