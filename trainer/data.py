@@ -26,10 +26,10 @@ from client.env import EnvClient
 from client.prompts import ChatRenderer, History, agent_response, label_word, parse_action
 from client.protocol import EpisodeTurn, Label
 from trainer.baselines import play_many
+from trainer.sft import Example
 
 if TYPE_CHECKING:
     from trainer.rollout import BatchedGenerator
-from trainer.sft import Example
 
 NOTHING_HAPPENS = "Nothing happens."
 
