@@ -203,17 +203,14 @@ class BatchedGenerator:
     ) -> tuple[list[Sample], list[CachedPrefix]]:
         """Decode for ``prompts`` at once; stop each at its end-of-turn token.
 
-        A row whose ``reuse`` cache holds a prefix of its prompt forwards only the
-        rest. Rows are laid out [pad][cached][pad][new tokens], the pads masked and
+        A row forwards only what follows the longest prefix its ``reuse`` cache shares
+        with its prompt. Rows are laid out [pad][cached][pad][new tokens], the pads masked and
         positions given explicitly, so rows with caches of any length share one
         forward. Returns the samples and each row's cache after them.
         """
         device = next(self.model.parameters()).device
         rows = len(prompts)
-        reuse = [
-            c if c is not None and len(c.ids) < len(p) and p[: len(c.ids)] == c.ids else None
-            for c, p in zip(reuse or [None] * rows, prompts, strict=True)
-        ]
+        reuse = [_shared_prefix(c, p) for c, p in zip(reuse or [None] * rows, prompts, strict=True)]
         cached = [len(c.ids) if c is not None else 0 for c in reuse]
         new = [p[n:] for p, n in zip(prompts, cached, strict=True)]
         width_c, width_s = max(cached), max(len(ids) for ids in new)
@@ -307,6 +304,26 @@ class BatchedGenerator:
                     values_BHLD[b, :, width - n :] = c.layers[layer][1]
             cache.update(keys_BHLD.to(device), values_BHLD.to(device), layer)
         return cache
+
+
+def _shared_prefix(cache: CachedPrefix | None, prompt: list[int]) -> CachedPrefix | None:
+    """The part of ``cache`` that ``prompt`` starts with (None: nothing), short of all of it.
+
+    An episode's next prompt usually extends its cache; where it does not (its history
+    shows another response than the one sampled, as when the expert acted instead),
+    the keys and values up to the first differing token still hold.
+    """
+    if cache is None:
+        return None
+    limit = min(len(cache.ids), len(prompt) - 1)  # leave a token to forward
+    n = 0
+    while n < limit and cache.ids[n] == prompt[n]:
+        n += 1
+    if n == len(cache.ids):
+        return cache
+    if n == 0:
+        return None
+    return CachedPrefix(cache.ids[:n], [(k[:, :n], v[:, :n]) for k, v in cache.layers])
 
 
 Policy = Callable[[list[int]], Awaitable[Sample]]

@@ -121,6 +121,25 @@ async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the
     assert forwarded[1] == first_turns + later < full
 
 
+def test_a_cache_is_reused_up_to_where_the_prompt_departs_from_it(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = BatchedGenerator(model, tokenizer, max_new_tokens=4, temperature=0.0)
+    shared = tokenizer.encode("You arrive at cabinet 1. The cabinet 1 is closed.")
+    first = shared + tokenizer.encode(" go to fridge 1")
+    second = shared + tokenizer.encode(" open cabinet 1")  # another response than cached
+    (_,), (cache,) = generator.generate_now([first])
+    (fresh,), _ = BatchedGenerator(
+        model, tokenizer, max_new_tokens=4, temperature=0.0
+    ).generate_now([second])
+    before = generator.prompt_tokens_forwarded
+    (reused,), _ = generator.generate_now([second], [cache])
+    # Only the tokens after the shared part are forwarded, and the answer is the same.
+    assert generator.prompt_tokens_forwarded - before == len(second) - len(shared)
+    assert reused.token_ids == fresh.token_ids
+    assert max(abs(a - b) for a, b in zip(reused.logprobs, fresh.logprobs, strict=True)) < 1e-4
+
+
 async def test_a_prompt_left_unanswered_fails_loudly(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
