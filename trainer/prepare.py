@@ -302,7 +302,8 @@ def _dagger(
     state with the expert's action, and fine-tunes on those examples plus as many of
     the teacher's first examples, drawn at random, so that it keeps what it knew.
     """
-    pool = task_ranges(config)["expert"] + task_ranges(config)["recovery"]
+    ranges = task_ranges(config)
+    pool = ranges["expert"] + ranges["recovery"]
     n = config.data.dagger_tasks
     rng = random.Random(config.data.seed)
     episodes: list[Trajectory] = []
