@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ class BatchedGenerator:
         self.gather_s = gather_s
         self.answer_timeout_s = answer_timeout_s
         self.reuse_cache = reuse_cache
+        self._cache_arg = _cache_argument(model)
         self._caches: dict[Hashable, CachedPrefix] = {}
         self._live: set[Hashable] = set()  # episodes in flight, by key
         self.in_flight = 0  # episodes playing with this generator (see episode())
@@ -228,7 +230,7 @@ class BatchedGenerator:
             input_ids=input_ids_BS.to(device),
             attention_mask=mask_BL,
             position_ids=positions_BS.to(device),
-            past_key_values=self._batch_cache(reuse, cached, width_c, device),
+            **{self._cache_arg: self._batch_cache(reuse, cached, width_c, device)},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -258,14 +260,14 @@ class BatchedGenerator:
                 input_ids=token_B[:, None].to(device),
                 attention_mask=mask_BL,
                 position_ids=(next_position_B + forwarded)[:, None],
-                past_key_values=output.past_key_values,
+                **{self._cache_arg: _returned_cache(output)},
                 use_cache=True,
             )
             forwarded += 1
         samples = [Sample(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
         if not self.reuse_cache:
             return samples, [CachedPrefix([], []) for _ in prompts]
-        layers = output.past_key_values.layers
+        layers = _returned_cache(output).layers
         prompt_positions = mask_BL[:, : width_c + width_s]
         caches = []
         for b, prompt in enumerate(prompts):
@@ -304,6 +306,20 @@ class BatchedGenerator:
                     values_BHLD[b, :, width - n :] = c.layers[layer][1]
             cache.update(keys_BHLD.to(device), values_BHLD.to(device), layer)
         return cache
+
+
+def _cache_argument(model: Any) -> str:
+    """The name under which the model's forward takes a KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns
+    and goes away in 5.40); earlier releases know only the old name.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned, under either name (see ``_cache_argument``)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def _shared_prefix(cache: CachedPrefix | None, prompt: list[int]) -> CachedPrefix | None:
