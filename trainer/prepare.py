@@ -33,7 +33,7 @@ import torch
 from client.env import EnvClient
 from client.prompts import ChatRenderer
 from client.protocol import LABELS
-from trainer.config import PrepareConfig, SFTConfig
+from trainer.config import PrepareConfig, SFTConfig, TrainConfig
 from trainer.data import (
     ModelPolicy,
     Trajectory,
@@ -78,7 +78,8 @@ def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
     return out
 
 
-def agent_info(config: PrepareConfig) -> dict[str, Any]:
+def agent_info(config: PrepareConfig | TrainConfig) -> dict[str, Any]:
+    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json."""
     return {
         "history": config.history,
         "show_admissible": config.show_admissible,

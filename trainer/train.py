@@ -55,7 +55,7 @@ from trainer.config import LossConfig, TrainConfig
 from trainer.data import NOTHING_HAPPENS
 from trainer.evaluate import summarize
 from trainer.losses import LossSwitches, token_loss, token_weights, topk_reverse_kl, turn_scores
-from trainer.prepare import evaluate_model
+from trainer.prepare import AGENT_FILE, agent_info, evaluate_model
 from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord, run_episode
 from trainer.sft import Example, collate, make_optimizer, warmup_cosine
 
@@ -366,8 +366,13 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
+    agent: dict[str, Any],
 ) -> Path:
-    """Write checkpoints/step-N atomically (a temporary folder renamed at the end)."""
+    """Write checkpoints/step-N atomically (a temporary folder renamed at the end).
+
+    ``agent`` goes to agent.json, as in a prepared model's folder, so that
+    `sage-opd eval --model <checkpoint>` renders prompts as the run did.
+    """
     folder = out_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     building = folder / f".building-{step:06d}"
@@ -375,6 +380,7 @@ def save_checkpoint(
     building.mkdir(parents=True)
     model.save_pretrained(building)
     tokenizer.save_pretrained(building)
+    (building / AGENT_FILE).write_text(json.dumps(agent))
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -480,6 +486,7 @@ class Trainer:
             self.scheduler,
             {"teacher_tokens": self.teacher_tokens, "episodes_seen": self.episodes_seen},
             self.config.keep_checkpoints,
+            agent_info(self.config),
         )
 
     # --- phases

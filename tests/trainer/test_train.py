@@ -17,6 +17,7 @@ from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
 from trainer.config import LlamaShape, LossConfig, TrainConfig
 from trainer.models import build_llama, fit_tokenizer, save_model
+from trainer.prepare import read_agent_info
 from trainer.train import METRICS_FILE, TeacherVocabularyChanged, Trainer, checkpoint_dirs, train
 
 TOKEN = "train-test-token"
@@ -80,6 +81,13 @@ def test_two_steps_train_checkpoint_and_resume_at_the_next_step(
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     weights_before = (checkpoint_dirs(out)[-1] / "model.safetensors").read_bytes()
     assert weights_before != (tiny_model_dir / "model.safetensors").read_bytes()
+    # `sage-opd eval --model <checkpoint>` renders prompts as the run did.
+    assert read_agent_info(checkpoint_dirs(out)[-1]) == {
+        "history": config.history,
+        "show_admissible": config.show_admissible,
+        "max_turns": 3,
+        "env": "household",
+    }
 
     # A new run in the same folder with more steps resumes after step 2.
     resumed = train(config.model_copy(update={"steps": 3}), progress=False)
