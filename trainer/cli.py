@@ -161,6 +161,13 @@ def eval_command(
     from trainer.prepare import env_service, evaluate_model, expert_episodes, read_agent_info
 
     info = read_agent_info(model)
+    if not info:
+        typer.echo(
+            f"note: {model} has no agent.json (written by prepare and by training "
+            "checkpoints); rendering with the defaults: the whole history, the admissible "
+            "actions shown",
+            err=True,
+        )
     history = history if history is not None else info.get("history")
     max_turns = max_turns or info.get("max_turns", 30)
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -116,7 +117,7 @@ def test_the_prepared_teacher_serves_scores_in_the_teacher_service(prepared, ser
     assert httpx.get(f"{url}/readyz").status_code == 200
 
 
-def test_eval_prints_success_and_the_teacher_forced_score(prepared, serve) -> None:  # noqa: ANN001
+def test_eval_prints_success_and_the_teacher_forced_score(prepared, serve, tmp_path: Path) -> None:  # noqa: ANN001
     folder, _ = prepared
     url = serve(create_env_app(EnvSettings()))
     args = ["eval", "--model", str(folder / "teacher"), "--limit", "2", "--env-url", url]
@@ -126,6 +127,17 @@ def test_eval_prints_success_and_the_teacher_forced_score(prepared, serve) -> No
     assert lines[-2].startswith("valid_unseen: success ") and "over 2 tasks" in lines[-2]
     assert lines[-1].startswith("valid_unseen, teacher-forced on the expert's episodes: ")
     assert "of episodes (go " in lines[-1]
+    assert "agent.json" not in result.output
+
+    # A folder without agent.json is evaluated with the default rendering, and says so.
+    bare = tmp_path / "bare"
+    shutil.copytree(folder / "teacher", bare)
+    (bare / "agent.json").unlink()
+    result = CliRunner().invoke(
+        app, ["eval", "--model", str(bare), "--limit", "1", "--env-url", url]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"note: {bare} has no agent.json" in result.output
 
 
 def test_config_overrides_are_typed_and_unknown_keys_refused(tmp_path: Path) -> None:
