@@ -260,14 +260,14 @@ class BatchedGenerator:
                 input_ids=token_B[:, None].to(device),
                 attention_mask=mask_BL,
                 position_ids=(next_position_B + forwarded)[:, None],
-                **{self._cache_arg: _returned_cache(output)},
+                **{self._cache_arg: output[self._cache_arg]},
                 use_cache=True,
             )
             forwarded += 1
         samples = [Sample(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
         if not self.reuse_cache:
             return samples, [CachedPrefix([], []) for _ in prompts]
-        layers = _returned_cache(output).layers
+        layers = output[self._cache_arg].layers
         prompt_positions = mask_BL[:, : width_c + width_s]
         caches = []
         for b, prompt in enumerate(prompts):
@@ -309,17 +309,12 @@ class BatchedGenerator:
 
 
 def _cache_argument(model: Any) -> str:
-    """The name under which the model's forward takes a KV cache.
+    """The name under which the model's forward takes a KV cache, and returns it.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns
     and goes away in 5.40); earlier releases know only the old name.
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _returned_cache(output: Any) -> Any:
-    """The KV cache a forward returned, under either name (see ``_cache_argument``)."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def _shared_prefix(cache: CachedPrefix | None, prompt: list[int]) -> CachedPrefix | None:
