@@ -19,5 +19,5 @@ def test_results_are_committed() -> None:
 def test_the_committed_table_is_regenerated_from_the_committed_metrics(
     folder: Path, tmp_path: Path
 ) -> None:
-    table = write_report([folder / "runs"], tmp_path)
+    table = write_report([folder / "runs.jsonl"], tmp_path)
     assert table.read_text() == (folder / "table.md").read_text()

@@ -255,8 +255,10 @@ def experiment_command(
 
 @app.command("report")
 def report_command(
-    run_dirs: list[str] = typer.Argument(..., help="Run folders, or folders above runs."),
-    out: str = typer.Option("results/report", help="Writes table.md, PNG plots, runs/."),
+    run_dirs: list[str] = typer.Argument(
+        ..., help="Run folders, folders above runs, or a report's runs.jsonl."
+    ),
+    out: str = typer.Option("results/report", help="Writes table.md, PNG plots, runs.jsonl."),
 ) -> None:
     """The comparison's markdown table (mean ± std over seeds) and success plots."""
     from pathlib import Path

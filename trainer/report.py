@@ -1,17 +1,19 @@
 """`sage-opd report RUN_DIR...`: the comparison's table (markdown) and plots (PNG).
 
 A run is a folder with the trainer's metrics.jsonl and config.json (a grid's
-``<method>/seed-<n>``); a RUN_DIR may be a run or any folder above runs. Runs are
-grouped by method (their parent folder's name) and summarised over seeds as
-mean +- std (sample std; 0 for one seed).
+``<method>/seed-<n>``); a RUN_DIR may be a run, any folder above runs, or a
+report's runs.jsonl. Runs are grouped by method (their parent folder's name) and
+summarised over seeds as mean +- std (sample std; 0 for one seed). The report
+keeps what it read in one runs.jsonl (a line per run: method, seed, student,
+wall time and metrics rows, in the table's order), from which it regenerates the
+same table.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +21,18 @@ from trainer.experiment import DONE_FILE
 
 SPLITS = ("valid_seen", "valid_unseen")
 BASELINE, PROPOSED = "opd", "sage"  # the relative-improvement line compares these
+RECORDS_FILE = "runs.jsonl"
 
 
 @dataclass
 class Run:
     method: str
     seed: int
-    folder: Path
+    student: str  # the model it started from (runs with the same one share step 0)
     rows: list[dict[str, Any]]
-    config: dict[str, Any]
     wall_s: float
+    folder: Path | None = None  # None when read from a runs.jsonl
+    config: dict[str, Any] = field(default_factory=dict)  # the trainer's, from a folder
 
     @property
     def evaluations(self) -> list[dict[str, Any]]:
@@ -52,20 +56,28 @@ def load_run(folder: Path) -> Run:
     done = folder / DONE_FILE
     if not wall_s and done.exists():
         wall_s = json.loads(done.read_text())["wall_s"]
-    return Run(folder.parent.name, int(config["seed"]), folder, rows, config, wall_s)
+    seed, student = int(config["seed"]), config["student"]
+    return Run(folder.parent.name, seed, student, rows, wall_s, folder, config)
+
+
+def load_records(path: Path) -> list[Run]:
+    """The runs a report kept in ``path`` (its runs.jsonl)."""
+    return [Run(**json.loads(line)) for line in path.read_text().splitlines()]
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run under ``paths`` (a run folder or a folder above runs), in a stable order."""
-    folders: list[Path] = []
+    """Every run under ``paths`` (a run folder, a folder above runs, or a runs.jsonl)."""
+    runs: list[Run] = []
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such run folder")
+        if path.is_file():
+            runs += load_records(path)
+            continue
         found = [m.parent for m in sorted(path.rglob("metrics.jsonl"))]
         if not found:
             raise FileNotFoundError(f"{path}: holds no run (no metrics.jsonl under it)")
-        folders += found
-    runs = [load_run(folder) for folder in folders if (folder / "config.json").exists()]
+        runs += [load_run(folder) for folder in found if (folder / "config.json").exists()]
     share_start(runs)
     return runs
 
@@ -74,12 +86,10 @@ def share_start(runs: list[Run]) -> None:
     """Give a run trained with ``eval_at_start: false`` the step-0 evaluation of a run
     with the same student (greedy evaluation of the same weights: the same numbers)."""
     starts = {
-        r.config["student"]: r.evaluations[0]
-        for r in runs
-        if r.evaluations and r.evaluations[0]["step"] == 0
+        r.student: r.evaluations[0] for r in runs if r.evaluations and r.evaluations[0]["step"] == 0
     }
     for run in runs:
-        start = starts.get(run.config["student"])
+        start = starts.get(run.student)
         if start is not None and not any(r["step"] == 0 for r in run.evaluations):
             run.rows.insert(0, start)
 
@@ -241,23 +251,16 @@ def method_order(paths: list[Path]) -> list[str]:
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
-    """Table, plots and a copy of each run's metrics (no checkpoints) under ``out``."""
+    """Table, plots and runs.jsonl (what they were computed from) under ``out``."""
     runs = find_runs(paths)
     if not runs:
         raise FileNotFoundError("no run found under " + ", ".join(map(str, paths)))
     groups = group_by_method(runs, method_order(paths))
     out.mkdir(parents=True, exist_ok=True)
-    grids = [p / "grid.yaml" for p in paths if (p / "grid.yaml").exists()]
-    if grids and grids[0].resolve() != (out / "runs" / "grid.yaml").resolve():
-        (out / "runs").mkdir(exist_ok=True)
-        shutil.copyfile(grids[0], out / "runs" / "grid.yaml")
-    for run in runs:
-        target = out / "runs" / run.method / f"seed-{run.seed}"
-        if target.resolve() != run.folder.resolve():
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "config.json", DONE_FILE):
-                if (run.folder / name).exists():
-                    shutil.copyfile(run.folder / name, target / name)
+    keep = ("method", "seed", "student", "wall_s", "rows")
+    with (out / RECORDS_FILE).open("w") as f:
+        for run in (run for group in groups.values() for run in group):
+            f.write(json.dumps({k: getattr(run, k) for k in keep}) + "\n")
     (out / "table.md").write_text(markdown(groups) + "\n")
     plot(groups, "step", "training step", out / "success_vs_steps.png")
     plot(groups, "teacher_tokens_total", "teacher tokens", out / "success_vs_teacher_tokens.png")

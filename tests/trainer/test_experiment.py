@@ -87,9 +87,9 @@ def test_report_writes_a_table_in_grid_order_and_plots(grid: Path, tmp_path: Pat
     assert rows == list(METHODS)
     for name in ("success_vs_steps.png", "success_vs_teacher_tokens.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The copied metrics regenerate the same table.
+    # The runs it kept regenerate the same table.
     again = CliRunner().invoke(
-        app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "b")]
+        app, ["report", str(tmp_path / "runs.jsonl"), "--out", str(tmp_path / "b")]
     )
     assert again.exit_code == 0, again.output
     assert (tmp_path / "b" / "table.md").read_text() == table
