@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ class Run:
     rows: list[dict[str, Any]]
     wall_s: float
     folder: Path | None = None  # None when read from a runs.jsonl
-    config: dict[str, Any] = field(default_factory=dict)  # the trainer's, from a folder
 
     @property
     def evaluations(self) -> list[dict[str, Any]]:
@@ -57,7 +56,7 @@ def load_run(folder: Path) -> Run:
     if not wall_s and done.exists():
         wall_s = json.loads(done.read_text())["wall_s"]
     seed, student = int(config["seed"]), config["student"]
-    return Run(folder.parent.name, seed, student, rows, wall_s, folder, config)
+    return Run(folder.parent.name, seed, student, rows, wall_s, folder)
 
 
 def load_records(path: Path) -> list[Run]:
