@@ -187,7 +187,9 @@ def eval_command(
         )
         typer.echo(result.line())
         if forced:
-            experts = asyncio.run(expert_episodes(url, split, limit, max_turns))
+            experts = asyncio.run(
+                expert_episodes(url, split, limit, max_turns, thoughts=info.get("thoughts", False))
+            )
             renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
             typer.echo(teacher_forced(policy, renderer, experts, history).line())
 

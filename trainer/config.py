@@ -80,6 +80,9 @@ class PrepareConfig(Frozen):
     env: str = "household"
     history: int | None = 1  # turns of history in every prompt (None: the whole episode)
     show_admissible: bool = True  # list the admissible actions in every observation
+    # The expert's responses think while searching ("Thought: apple not here"; see
+    # trainer/data.py add_search_thoughts): the models learn to write it before acting.
+    thoughts: bool = False
     max_turns: int = 30
     vocab_size: int = 2048
     tokenizer_tasks: int = 600  # train tasks whose text fits the tokenizer

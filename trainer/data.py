@@ -43,6 +43,7 @@ class Step:
     steps_left: int | None  # the expert's remaining steps before the action
     feedback: str = ""
     steps_left_after: int | None = None
+    thought: str | None = None  # the expert's thought before its action (add_search_thoughts)
 
     @property
     def label(self) -> Label:
@@ -183,11 +184,52 @@ async def gather(
     )
 
 
-def response_ids(renderer: ChatRenderer, action: str) -> list[int]:
+def response_ids(renderer: ChatRenderer, action: str, thought: str | None = None) -> list[int]:
     """The ids of the canonical response naming ``action``, closed by the end-of-turn token."""
-    return renderer.tokenizer.encode(agent_response(action), add_special_tokens=False) + [
-        renderer.eos_id
-    ]
+    text = agent_response(action, thought)
+    return renderer.tokenizer.encode(text, add_special_tokens=False) + [renderer.eos_id]
+
+
+def expert_response(renderer: ChatRenderer, step: Step) -> list[int]:
+    """The ids of the response the agent should have given at ``step``."""
+    assert step.expert_action is not None
+    return response_ids(renderer, step.expert_action, step.thought)
+
+
+# A receptacle's contents in view: "On the desk 1, you see ..." or "... In it, you see ...".
+_CONTENTS = re.compile(r"(?:On the [^,]+|In it), you see (.*)$")
+# The actions that end a search: taking the object, or using the lamp.
+_FOUND = re.compile(r"^(?:take (?P<take>.+?) (?P<n>\d+) from .+|use (?P<use>.+?) (?P<m>\d+))$")
+
+
+def add_search_thoughts(trajectories: list[Trajectory]) -> None:
+    """Give the expert's responses a thought wherever it searches: is the object here?
+
+    At each step whose observation shows a receptacle's contents while the expert
+    still looks for an object (its next "take" or "use" names it), the expert's
+    response starts "Thought: apple 1 here" when it takes it now, else "Thought:
+    apple not here". Written before the action, the thought names the sought
+    object next to the contents it is checked against, so a small model decides
+    take-or-go by matching one name in view instead of recalling the task's.
+    Steps whose contents show the object without the expert taking it (it holds
+    another) get none. Thoughts are known once an episode is over (from the
+    expert's later finds), so a model playing DAgger episodes sees its earlier
+    turns rendered without them.
+    """
+    for trajectory in trajectories:
+        sought = None  # the object of the expert's next find
+        for step in reversed(trajectory.steps):
+            found = _FOUND.match(step.expert_action or "")
+            if found:
+                sought = found["take"] or found["use"]
+            contents = _CONTENTS.search(step.observation)
+            step.thought = None
+            if contents is None or sought is None:
+                continue
+            if found:
+                step.thought = f"{sought} {found['n'] or found['m']} here"
+            elif not re.search(rf"\b{re.escape(sought)} \d+", contents.group(1)):
+                step.thought = f"{sought} not here"
 
 
 def executed_turns(renderer: ChatRenderer, trajectory: Trajectory) -> list[EpisodeTurn]:
@@ -196,7 +238,9 @@ def executed_turns(renderer: ChatRenderer, trajectory: Trajectory) -> list[Episo
         EpisodeTurn(
             observation=s.observation,
             admissible_actions=s.admissible_actions,
-            response_ids=response_ids(renderer, s.action),
+            response_ids=response_ids(
+                renderer, s.action, s.thought if s.action == s.expert_action else None
+            ),
             feedback=s.feedback,
         )
         for s in trajectory.steps
@@ -216,7 +260,7 @@ def agent_examples(
             prompt = renderer.prompt(
                 trajectory.task, turns[:t], step.observation, step.admissible_actions, history
             )
-            out.append((prompt, response_ids(renderer, step.expert_action)))
+            out.append((prompt, expert_response(renderer, step)))
     return out
 
 
@@ -253,7 +297,7 @@ def agent_sequences(
                 prompt = renderer.prompt(
                     trajectory.task, turns[:t], step.observation, step.admissible_actions, None
                 )
-                target = response_ids(renderer, step.expert_action)
+                target = expert_response(renderer, step)
                 out.append(Example.prompt_and_target(prompt, target))
         if spans:
             out.append(Example(rendered.input_ids, spans))
@@ -314,6 +358,6 @@ def corpus(trajectories: list[Trajectory]) -> list[str]:
         for step in trajectory.steps:
             texts.append(f"Observation: {step.observation}")
             texts.append("Admissible actions: " + ", ".join(step.admissible_actions))
-            texts.append(agent_response(step.action))
+            texts.append(agent_response(step.action, step.thought))
             texts.append(f"Feedback: {step.feedback}")
     return texts

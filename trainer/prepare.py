@@ -37,6 +37,7 @@ from trainer.config import PrepareConfig, SFTConfig, TrainConfig
 from trainer.data import (
     ModelPolicy,
     Trajectory,
+    add_search_thoughts,
     agent_sequences,
     corpus,
     gather,
@@ -79,13 +80,20 @@ def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
 
 
 def agent_info(config: PrepareConfig | TrainConfig) -> dict[str, Any]:
-    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json."""
-    return {
+    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json.
+
+    A prepared model also records whether it was taught to think while searching
+    (the expert episodes of `eval --teacher-forced` then carry the same thoughts).
+    """
+    info = {
         "history": config.history,
         "show_admissible": config.show_admissible,
         "max_turns": config.max_turns,
         "env": config.env,
     }
+    if isinstance(config, PrepareConfig):
+        info["thoughts"] = config.thoughts
+    return info
 
 
 def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
@@ -261,7 +269,14 @@ def prepare(
         if evaluate:
             start = time.perf_counter()
             experts = asyncio.run(
-                expert_episodes(url, "valid_unseen", config.eval_tasks, config.max_turns)
+                expert_episodes(
+                    url,
+                    "valid_unseen",
+                    config.eval_tasks,
+                    config.max_turns,
+                    config.env,
+                    config.thoughts,
+                )
             )
             for name, model in (("teacher", teacher), ("student", student)):
                 forced = teacher_forced(model, renderer, experts, config.history)
@@ -321,6 +336,8 @@ def _dagger(
                 progress,
             )
         )
+        if config.thoughts:
+            add_search_thoughts(played)
         episodes += played
         own = agent_sequences(renderer, played, config.history, deviations=True)
         replay = rng.sample(first_examples, min(len(own), len(first_examples)))
@@ -373,12 +390,22 @@ def _dagger_summary(episodes: list[Trajectory], log_: list[dict[str, float]]) ->
 
 
 async def expert_episodes(
-    env_url: str, split: str, limit: int | None, max_turns: int, env_name: str = "household"
+    env_url: str,
+    split: str,
+    limit: int | None,
+    max_turns: int,
+    env_name: str = "household",
+    thoughts: bool = False,
 ) -> list[Trajectory]:
     """The expert's own episodes on ``split`` (all tasks, or the first ``limit``)."""
     async with EnvClient(env_url, max_connections=64) as env:
         ids = list(range(await task_count(env, env_name, split, limit)))
-        return await gather(env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name)
+        episodes = await gather(
+            env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name
+        )
+    if thoughts:
+        add_search_thoughts(episodes)
+    return episodes
 
 
 async def _gather_all(
@@ -411,6 +438,8 @@ async def _gather_all(
                 env_name=config.env,
                 near_miss=config.data.near_miss,
             )
+            if config.thoughts:
+                add_search_thoughts(out[name])
     return out
 
 

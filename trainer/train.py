@@ -55,7 +55,7 @@ from trainer.config import LossConfig, TrainConfig
 from trainer.data import NOTHING_HAPPENS
 from trainer.evaluate import summarize
 from trainer.losses import LossSwitches, token_loss, token_weights, topk_reverse_kl, turn_scores
-from trainer.prepare import AGENT_FILE, agent_info, evaluate_model
+from trainer.prepare import AGENT_FILE, agent_info, evaluate_model, read_agent_info
 from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord, run_episode
 from trainer.sft import Example, collate, make_optimizer, warmup_cosine
 
@@ -422,6 +422,9 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
+        # A checkpoint keeps what its source's agent.json says (e.g. that it thinks while
+        # searching), under this run's own rendering settings.
+        self.agent = {**read_agent_info(source), **agent_info(config)}
         self.renderer = ChatRenderer(self.tokenizer, show_admissible=config.show_admissible)
         # Who plays the episodes: the student itself, or (off-policy SFT) another model.
         self.policy = self.model
@@ -486,7 +489,7 @@ class Trainer:
             self.scheduler,
             {"teacher_tokens": self.teacher_tokens, "episodes_seen": self.episodes_seen},
             self.config.keep_checkpoints,
-            agent_info(self.config),
+            self.agent,
         )
 
     # --- phases

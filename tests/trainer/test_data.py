@@ -112,3 +112,60 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
             assert example.input_ids == context + response_ids(renderer, step.expert_action)
             assert example.spans == [(len(context), len(example.input_ids))]
     assert next(labelled, None) is None
+
+
+def test_search_thoughts_say_whether_the_sought_object_is_in_view(
+    serve,  # noqa: ANN001
+    tiny_model_dir,  # noqa: ANN001
+) -> None:
+    from transformers import AutoTokenizer
+
+    from client.prompts import ChatRenderer, parse_action
+    from trainer.data import add_search_thoughts, executed_turns
+
+    url = serve(create_env_app(EnvSettings()))
+
+    async def run() -> list:
+        async with EnvClient(url) as env:
+            return await gather(env, list(range(12)), 0.3, 0, max_turns=30, progress=False)
+
+    trajectories = asyncio.run(run())
+    add_search_thoughts(trajectories)
+    finds = re.compile(r"(take|use) ")
+    here = absent = 0
+    for trajectory in trajectories:
+        last_find = max(
+            (t for t, s in enumerate(trajectory.steps) if finds.match(s.expert_action or "")),
+            default=-1,
+        )
+        for t, step in enumerate(trajectory.steps):
+            if step.thought is None:
+                continue
+            assert t <= last_find  # only while something is still to be found
+            in_view = step.observation.split("you see", 1)[1]
+            if step.thought.endswith(" not here"):
+                # "apple not here": no apple in view, and the expert walks on.
+                sought = step.thought.removesuffix(" not here")
+                assert not re.search(rf"\b{sought} \d", in_view)
+                assert not finds.match(step.expert_action)
+                absent += 1
+            else:
+                # "apple 1 here": in view, and the expert takes (or uses) exactly it, now.
+                found = step.thought.removesuffix(" here")
+                assert re.search(rf"\b{found}\b", in_view)
+                assert re.match(rf"(take {found} from |use {found}$)", step.expert_action)
+                here += 1
+    assert here >= 6 and absent >= 6
+    # Rendered before the action, and only where the agent did what the expert would.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer)
+    thought_turns = 0
+    for trajectory in trajectories:
+        turns = executed_turns(renderer, trajectory)
+        for step, turn in zip(trajectory.steps, turns, strict=True):
+            text = tokenizer.decode(turn.response_ids, skip_special_tokens=True)
+            assert parse_action(text) == step.action
+            expected = step.thought if step.action == step.expert_action else None
+            assert text.startswith(f"Thought: {expected}\n") == (expected is not None)
+            thought_turns += expected is not None
+    assert thought_turns >= 12

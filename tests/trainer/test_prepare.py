@@ -20,6 +20,7 @@ from trainer.config import DataConfig, LlamaShape, PrepareConfig, SFTConfig, loa
 
 TINY = PrepareConfig(
     vocab_size=600,
+    thoughts=True,
     teacher=LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
     student=LlamaShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
     data=DataConfig(
@@ -68,7 +69,8 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
         assert (folder / name / "config.json").exists() and (
             folder / name / "tokenizer.json"
         ).exists()
-        assert json.loads((folder / name / "agent.json").read_text())["history"] == 1
+        agent = json.loads((folder / name / "agent.json").read_text())
+        assert agent["history"] == 1 and agent["thoughts"] is True
     assert {"expert.jsonl", "recovery.jsonl", "judge.jsonl", "dagger.jsonl"} <= {
         p.name for p in (folder / "data").iterdir()
     }
@@ -83,6 +85,12 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
     # Two DAgger rounds of two tasks each: the first four expert and recovery tasks.
     dagger = [json.loads(x) for x in (folder / "data" / "dagger.jsonl").read_text().splitlines()]
     assert [t["task_id"] for t in dagger] == [0, 1, 2, 3]
+    # The expert's searches carry their thoughts, in its own and in the teacher's episodes.
+    expert = [json.loads(x) for x in (folder / "data" / "expert.jsonl").read_text().splitlines()]
+    for episodes in (expert, dagger):
+        thoughts = [s["thought"] for t in episodes for s in t["steps"] if s["thought"]]
+        assert any(t.endswith(" not here") for t in thoughts)
+        assert any(not t.endswith(" not here") for t in thoughts)
     assert summary["dagger"]["episodes"] == 4 and summary["dagger"]["steps"] >= 2
     assert "dagger_s" in summary["timings"] and "teacher DAgger: 4 own episodes" in output
     assert 0.0 <= summary["teacher"]["valid_unseen"]["success"] <= 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,12 @@ def test_two_steps_train_checkpoint_and_resume_at_the_next_step(
     stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path, kind: str
 ) -> None:
     out = tmp_path / kind
-    config = small_config(stack, tiny_model_dir, out, loss=LossConfig(kind=kind))
+    # A prepared student's agent.json: what the run does not set (that it was taught to
+    # think) passes on to the checkpoints, what it sets (the rendering) is the run's.
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model_dir, student)
+    (student / "agent.json").write_text(json.dumps({"thoughts": True, "max_turns": 30}))
+    config = small_config(stack, student, out, loss=LossConfig(kind=kind))
     logged = train(config, progress=False)
     assert [row["step"] for row in logged] == [0, 1, 2]
     for row in logged[1:]:
@@ -87,6 +93,7 @@ def test_two_steps_train_checkpoint_and_resume_at_the_next_step(
         "show_admissible": config.show_admissible,
         "max_turns": 3,
         "env": "household",
+        "thoughts": True,
     }
 
     # A new run in the same folder with more steps resumes after step 2.
