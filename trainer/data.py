@@ -172,8 +172,10 @@ async def gather(
     env_name: str = "household",
     near_miss: float = 0.0,
     policy: ModelPolicy | None = None,
+    thoughts: bool = False,
 ) -> list[Trajectory]:
-    return await play_many(
+    """Play ``task_ids`` (see play_with_expert); ``thoughts``: add_search_thoughts to them."""
+    trajectories = await play_many(
         lambda t: play_with_expert(
             env, split, t, noise, seed, max_turns, env_name, near_miss, policy
         ),
@@ -182,6 +184,9 @@ async def gather(
         desc,
         progress,
     )
+    if thoughts:
+        add_search_thoughts(trajectories)
+    return trajectories
 
 
 def response_ids(renderer: ChatRenderer, action: str, thought: str | None = None) -> list[int]:

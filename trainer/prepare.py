@@ -37,7 +37,6 @@ from trainer.config import PrepareConfig, SFTConfig, TrainConfig
 from trainer.data import (
     ModelPolicy,
     Trajectory,
-    add_search_thoughts,
     agent_sequences,
     corpus,
     gather,
@@ -80,20 +79,13 @@ def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
 
 
 def agent_info(config: PrepareConfig | TrainConfig) -> dict[str, Any]:
-    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json.
-
-    A prepared model also records whether it was taught to think while searching
-    (the expert episodes of `eval --teacher-forced` then carry the same thoughts).
-    """
-    info = {
+    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json."""
+    return {
         "history": config.history,
         "show_admissible": config.show_admissible,
         "max_turns": config.max_turns,
         "env": config.env,
     }
-    if isinstance(config, PrepareConfig):
-        info["thoughts"] = config.thoughts
-    return info
 
 
 def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
@@ -244,8 +236,11 @@ def prepare(
             timings["dagger_s"] = time.perf_counter() - start
             _save_trajectories(building / "data", {"dagger": trajectories["dagger"]})
             summary["dagger"] = _dagger_summary(trajectories["dagger"], dagger_log)
+        # A prepared model also records whether it was taught to think while searching
+        # (the expert episodes of `eval --teacher-forced` then carry the same thoughts).
+        agent = json.dumps({**agent_info(config), "thoughts": config.thoughts})
         save_model(teacher, tokenizer, building / "teacher")
-        (building / "teacher" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
+        (building / "teacher" / AGENT_FILE).write_text(agent)
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
 
         # The student warms up on a subset of the teacher's own agent data.
@@ -262,7 +257,7 @@ def prepare(
             progress,
         )
         save_model(student, tokenizer, building / "student-init")
-        (building / "student-init" / AGENT_FILE).write_text(json.dumps(agent_info(config)))
+        (building / "student-init" / AGENT_FILE).write_text(agent)
 
         summary["teacher"] = _model_summary(teacher, teacher_examples, teacher_log)
         summary["student"] = _model_summary(student, student_examples, student_log)
@@ -336,8 +331,6 @@ def _dagger(
                 progress,
             )
         )
-        if config.thoughts:
-            add_search_thoughts(played)
         episodes += played
         own = agent_sequences(renderer, played, config.history, deviations=True)
         replay = rng.sample(first_examples, min(len(own), len(first_examples)))
@@ -376,6 +369,7 @@ async def _play_own(
             progress=progress,
             env_name=config.env,
             policy=ModelPolicy(generator, renderer, config.history),
+            thoughts=config.thoughts,
         )
 
 
@@ -400,12 +394,9 @@ async def expert_episodes(
     """The expert's own episodes on ``split`` (all tasks, or the first ``limit``)."""
     async with EnvClient(env_url, max_connections=64) as env:
         ids = list(range(await task_count(env, env_name, split, limit)))
-        episodes = await gather(
-            env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name
+        return await gather(
+            env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name, thoughts=thoughts
         )
-    if thoughts:
-        add_search_thoughts(episodes)
-    return episodes
 
 
 async def _gather_all(
@@ -437,9 +428,8 @@ async def _gather_all(
                 progress=progress,
                 env_name=config.env,
                 near_miss=config.data.near_miss,
+                thoughts=config.thoughts,
             )
-            if config.thoughts:
-                add_search_thoughts(out[name])
     return out
 
 

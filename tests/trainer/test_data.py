@@ -121,16 +121,17 @@ def test_search_thoughts_say_whether_the_sought_object_is_in_view(
     from transformers import AutoTokenizer
 
     from client.prompts import ChatRenderer, parse_action
-    from trainer.data import add_search_thoughts, executed_turns
+    from trainer.data import executed_turns
 
     url = serve(create_env_app(EnvSettings()))
 
     async def run() -> list:
         async with EnvClient(url) as env:
-            return await gather(env, list(range(12)), 0.3, 0, max_turns=30, progress=False)
+            return await gather(
+                env, list(range(12)), 0.3, 0, max_turns=30, progress=False, thoughts=True
+            )
 
     trajectories = asyncio.run(run())
-    add_search_thoughts(trajectories)
     finds = re.compile(r"(take|use) ")
     here = absent = 0
     for trajectory in trajectories:
