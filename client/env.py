@@ -1,14 +1,25 @@
-"""Async client of the env service: typed calls for sessions, steps, actions and metadata."""
+"""Async client of the env service: typed calls for sessions, steps, actions and metadata.
+
+Steps and expert questions of many sessions made side by side (one coroutine per
+episode) travel as batch calls (client/coalesce.py), so each caller can be written
+for its own session alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import cached_property
+from typing import Any
 
+from client.coalesce import Coalescer
 from client.http import JsonClient, RetryPolicy, ServiceCallError
 from client.protocol import (
     API_PREFIX,
     AdmissibleActions,
+    BatchExpertItem,
+    BatchExpertRequest,
+    BatchExpertResponse,
     BatchStepItem,
     BatchStepRequest,
     BatchStepResponse,
@@ -19,12 +30,12 @@ from client.protocol import (
     CreateSessionsRequest,
     CreateSessionsResponse,
     EnvironmentList,
+    ErrorBody,
     ExpertAction,
     SessionAction,
     SessionCreated,
     SessionInfo,
     Split,
-    StepRequest,
     StepResult,
 )
 
@@ -104,22 +115,26 @@ class EnvClient(JsonClient):
         )
 
     async def step(self, session_id: str, action: str) -> StepResult:
-        return await self.call(
-            "POST",
-            f"{API_PREFIX}/sessions/{session_id}/step",
-            StepResult,
-            StepRequest(action=action),
-        )
+        """Step one session (in one batch call with the steps other coroutines make now)."""
+        return await self._steps(SessionAction(session_id=session_id, action=action))
 
     async def step_many(self, actions: dict[str, str]) -> list[BatchStepItem]:
         """Step several sessions in one call; each item holds its result or its own error."""
-        request = BatchStepRequest(
-            steps=[SessionAction(session_id=sid, action=a) for sid, a in actions.items()]
-        )
+        steps = [SessionAction(session_id=sid, action=a) for sid, a in actions.items()]
+        return await self._step_batch(steps)
+
+    async def _step_batch(self, steps: list[SessionAction]) -> list[BatchStepItem]:
         response = await self.call(
-            "POST", f"{API_PREFIX}/sessions/step", BatchStepResponse, request
+            "POST", f"{API_PREFIX}/sessions/step", BatchStepResponse, BatchStepRequest(steps=steps)
         )
         return response.results
+
+    @cached_property
+    def _steps(self) -> Coalescer[SessionAction, StepResult]:
+        async def send(steps: list[SessionAction]) -> list[StepResult | Exception]:
+            return [_answer(item) for item in await self._step_batch(steps)]
+
+        return Coalescer(send, key=lambda step: step.session_id)
 
     async def admissible_actions(self, session_id: str) -> list[str]:
         answer = await self.call(
@@ -132,17 +147,44 @@ class EnvClient(JsonClient):
 
     async def expert(self, session_id: str, steps_left: bool = False) -> ExpertAction:
         """The expert's next action and, if asked and the environment can tell, its remaining
-        steps (costlier: the environment plays the expert out to count them)."""
-        return await self.call(
-            "GET",
-            f"{API_PREFIX}/sessions/{session_id}/expert",
-            ExpertAction,
+        steps (costlier: the environment plays the expert out to count them). Asked in one
+        batch call with the questions other coroutines ask now."""
+        return await self._experts[steps_left](session_id)
+
+    async def expert_many(
+        self, session_ids: list[str], steps_left: bool = False
+    ) -> list[BatchExpertItem]:
+        """The expert's next action in several sessions in one call; each item holds its
+        answer or its own error."""
+        response = await self.call(
+            "POST",
+            f"{API_PREFIX}/sessions/expert",
+            BatchExpertResponse,
+            BatchExpertRequest(session_ids=session_ids, steps_left=steps_left),
             idempotent=True,
-            params={"steps_left": "true"} if steps_left else None,
         )
+        return response.results
+
+    @cached_property
+    def _experts(self) -> dict[bool, Coalescer[str, ExpertAction]]:
+        def batcher(steps_left: bool) -> Coalescer[str, ExpertAction]:
+            async def send(session_ids: list[str]) -> list[ExpertAction | Exception]:
+                return [_answer(i) for i in await self.expert_many(session_ids, steps_left)]
+
+            return Coalescer(send, key=lambda session_id: session_id)
+
+        return {False: batcher(False), True: batcher(True)}
 
     async def expert_action(self, session_id: str) -> str | None:
         return (await self.expert(session_id)).action
 
     async def close_session(self, session_id: str) -> None:
         await self.call("DELETE", f"{API_PREFIX}/sessions/{session_id}")
+
+
+def _answer(item: BatchStepItem | BatchExpertItem) -> Any:
+    """A batch item's result, or the error its caller would have had from a single call."""
+    if item.error is not None or item.result is None:
+        error = item.error or ErrorBody(code="missing_result", message="No result came back.")
+        return ServiceCallError(item.status, error)
+    return item.result

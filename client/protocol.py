@@ -126,6 +126,11 @@ class CloseSessionsResponse(_Model):
     not_found: list[str]
 
 
+def _each_once(session_ids: list[str]) -> None:
+    if len(session_ids) != len(set(session_ids)):
+        raise ValueError("each session may appear once per batch")
+
+
 class StepRequest(_Model):
     action: str = Field(..., max_length=MAX_ACTION_CHARS)
 
@@ -140,9 +145,7 @@ class BatchStepRequest(_Model):
 
     @model_validator(mode="after")
     def _one_action_per_session(self) -> BatchStepRequest:
-        ids = [s.session_id for s in self.steps]
-        if len(ids) != len(set(ids)):
-            raise ValueError("each session may appear once per batch")
+        _each_once([s.session_id for s in self.steps])
         return self
 
 
@@ -168,6 +171,31 @@ class ExpertAction(_Model):
     session_id: str
     action: str | None  # None once the task is won
     steps_left: int | None = None  # the expert's remaining steps, where the env can tell
+
+
+class BatchExpertRequest(_Model):
+    """The expert's next action in many sessions in one call (data gathering's hot path)."""
+
+    session_ids: list[str] = Field(..., min_length=1, max_length=MAX_BATCH_STEPS)
+    steps_left: bool = False  # also the expert's remaining steps (costlier; see ExpertAction)
+
+    @model_validator(mode="after")
+    def _each_session_once(self) -> BatchExpertRequest:
+        _each_once(self.session_ids)
+        return self
+
+
+class BatchExpertItem(_Model):
+    """One session's answer in a batch: the expert's action, or the error it alone got."""
+
+    session_id: str
+    result: ExpertAction | None = None
+    error: ErrorBody | None = None
+    status: int = 200
+
+
+class BatchExpertResponse(_Model):
+    results: list[BatchExpertItem]
 
 
 # --------------------------------------------------------------------------- teacher service

@@ -25,6 +25,8 @@ from pydantic_core import to_json
 from client.protocol import (
     API_PREFIX,
     AdmissibleActions,
+    BatchExpertRequest,
+    BatchExpertResponse,
     BatchStepRequest,
     BatchStepResponse,
     CloseSessionsRequest,
@@ -395,16 +397,35 @@ async def admissible_actions(session_id: str, service: Service) -> AdmissibleAct
     return AdmissibleActions(session_id=session.id, admissible_actions=actions)
 
 
+async def _expert(service: EnvService, session: Session, steps_left: bool) -> dict[str, Any]:
+    action = await service.run(session, session.episode.expert_action)
+    left = await service.run(session, session.episode.expert_steps_left) if steps_left else None
+    return {"session_id": session.id, "action": action, "steps_left": left}
+
+
 @router.get("/sessions/{session_id}/expert", response_model=ExpertAction, responses=_ERRORS)
 async def expert_action(
     session_id: str, service: Service, steps_left: bool = False
-) -> ExpertAction:
+) -> dict[str, Any]:
     """The expert's next action; with ``?steps_left=true`` also its remaining steps
     (the environment plays its expert out on a copy, so only callers who need it pay)."""
-    session = service.session(session_id)
-    action = await service.run(session, session.episode.expert_action)
-    left = await service.run(session, session.episode.expert_steps_left) if steps_left else None
-    return ExpertAction(session_id=session.id, action=action, steps_left=left)
+    return await _expert(service, service.session(session_id), steps_left)
+
+
+@router.post("/sessions/expert", response_model=BatchExpertResponse, responses=_ERRORS)
+async def expert_actions(body: BatchExpertRequest, service: Service) -> Response:
+    """The expert's next action in many sessions in one call; each item carries its own
+    answer or error."""
+
+    async def one(session_id: str) -> dict[str, Any]:
+        try:
+            result = await _expert(service, service.session(session_id), body.steps_left)
+            return {"session_id": session_id, "result": result, "error": None, "status": 200}
+        except ServiceError as exc:
+            return _error_item(exc, session_id=session_id)
+
+    items = await service.each(one(session_id) for session_id in body.session_ids)
+    return _json({"results": items})
 
 
 @router.delete("/sessions/{session_id}", status_code=204, responses=_ERRORS)

@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from client.env import EnvClient, RetryPolicy, ServiceCallError
-from client.protocol import CreateSessionRequest, ErrorBody
+from client.protocol import CreateSessionRequest, ErrorBody, ExpertAction
 from services.env.app import create_app
+from services.env.household import HouseholdEnvironment
 from services.env.settings import EnvSettings
 from services.http import running_server
 from trainer.stack import free_port
@@ -225,13 +226,71 @@ async def test_sessions_open_and_close_in_batches(serve) -> None:  # noqa: ANN00
     assert closed.closed == opened and closed.not_found == ["gone"]
 
 
+async def test_side_by_side_steps_and_expert_questions_travel_as_one_batch_call_each(
+    url: str,
+) -> None:
+    async with EnvClient(url) as client:
+        ids = [(await client.create_session(task_id=t)).session_id for t in range(8)]
+        advice = await asyncio.gather(*(client.expert(sid, steps_left=True) for sid in ids))
+        actions = [a.action or "" for a in advice]
+        results = await asyncio.gather(
+            *(client.step(s, a) for s, a in zip(ids, actions, strict=True))
+        )
+    async with httpx.AsyncClient(base_url=url) as http:
+        metrics = (await http.get("/metrics")).text
+    family = HouseholdEnvironment()  # the same tasks played in process
+    for task_id, (answer, result) in enumerate(zip(advice, results, strict=True)):
+        episode = family.make("train", task_id)
+        episode.reset()
+        assert (answer.action, answer.steps_left) == (
+            episode.expert_action(),
+            episode.expert_steps_left(),
+        )
+        assert result.observation == episode.step(answer.action).observation
+        assert result.turn == 1
+    for route in ("/v1/sessions/step", "/v1/sessions/expert"):
+        assert f'sage_env_request_seconds_count{{route="{route}"}} 1.0' in metrics
+
+
+async def test_an_error_in_a_shared_batch_reaches_only_its_caller(url: str) -> None:
+    async with EnvClient(url, retry=FAST_RETRY) as client:
+        live = (await client.create_session()).session_id
+        steps = await asyncio.gather(
+            client.step(live, "look"), client.step("gone", "look"), return_exceptions=True
+        )
+        experts = await asyncio.gather(
+            client.expert("gone"), client.expert(live), return_exceptions=True
+        )
+    assert not isinstance(steps[0], Exception) and steps[0].turn == 1
+    assert isinstance(steps[1], ServiceCallError) and steps[1].status == 404
+    assert steps[1].error.code == "session_not_found"
+    assert isinstance(experts[0], ServiceCallError) and experts[0].status == 404
+    assert not isinstance(experts[1], Exception) and experts[1].session_id == live
+
+
+async def test_batched_expert_returns_each_sessions_answer_or_error(url: str) -> None:
+    async with EnvClient(url) as client:
+        created = await client.create_session(split="valid_seen", task_id=2)
+        items = await client.expert_many([created.session_id, "gone"], steps_left=True)
+        single = await client.call(  # the single-session route, for comparison
+            "GET",
+            f"/v1/sessions/{created.session_id}/expert",
+            ExpertAction,
+            params={"steps_left": "true"},
+        )
+    assert items[0].status == 200 and items[0].result == single
+    assert items[0].result.steps_left is not None and items[0].result.steps_left > 0
+    assert items[1].status == 404 and items[1].error.code == "session_not_found"
+
+
 async def test_batch_naming_a_session_twice_is_422(url: str) -> None:
     async with httpx.AsyncClient(base_url=url) as http:
-        response = await http.post(
+        steps = await http.post(
             "/v1/sessions/step",
             json={"steps": [{"session_id": "s", "action": "look"}] * 2},
         )
-    assert response.status_code == 422
+        experts = await http.post("/v1/sessions/expert", json={"session_ids": ["s", "s"]})
+    assert steps.status_code == 422 and experts.status_code == 422
 
 
 async def test_health_readiness_metrics_and_openapi(url: str) -> None:
@@ -247,10 +306,15 @@ async def test_health_readiness_metrics_and_openapi(url: str) -> None:
     assert health.status_code == 200
     assert 'sage_env_steps_total{env="household"} 1.0' in metrics
     assert "sage_env_sessions 1.0" in metrics
-    assert 'sage_env_request_seconds_count{route="/v1/sessions/{session_id}/step"}' in metrics
-    assert {"/v1/sessions", "/v1/sessions/step", "/v1/sessions/{session_id}/step"} <= set(
-        openapi["paths"]
-    )
+    # The client sends even a lone step as a batch of one (client/coalesce.py).
+    assert 'sage_env_request_seconds_count{route="/v1/sessions/step"}' in metrics
+    assert {
+        "/v1/sessions",
+        "/v1/sessions/step",
+        "/v1/sessions/{session_id}/step",
+        "/v1/sessions/expert",
+        "/v1/sessions/{session_id}/expert",
+    } <= set(openapi["paths"])
     assert envs["environments"][0]["splits"]["valid_unseen"] == 134
 
 
