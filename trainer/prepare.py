@@ -45,7 +45,7 @@ from trainer.data import (
 from trainer.evaluate import EvalResult, summarize, teacher_forced
 from trainer.models import build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator, run_episodes
-from trainer.sft import Example, collate, sft
+from trainer.sft import Example, causal_logits, collate, sft
 
 log = logging.getLogger(__name__)
 AGENT_FILE = "agent.json"
@@ -143,9 +143,8 @@ def judge_agreement(
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
             batch = collate([Example(p, []) for p, _, _ in chunk], renderer.tokenizer.pad_token_id)
-            mask_BL = batch["attention_mask"]
-            logits_BLV = model(input_ids=batch["input_ids"], attention_mask=mask_BL).logits
-            last_B = mask_BL.sum(dim=1) - 1
+            logits_BLV = causal_logits(model, batch)
+            last_B = batch["attention_mask"].sum(dim=1) - 1
             label_logits_B3 = logits_BLV[torch.arange(len(chunk)), last_B][:, label_ids]
             for b, (_, _, label) in enumerate(chunk):
                 predicted = LABELS[int(label_logits_B3[b].argmax())]

@@ -55,6 +55,17 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids_BL, "attention_mask": attention_BL, "labels": labels_BL}
 
 
+def causal_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of a collated (right-padded) batch, shaped [B, L, V].
+
+    No attention mask goes to the model: every pad comes after a row's real tokens,
+    so under the causal mask no real position sees one, and the real positions'
+    logits are those of the masked forward. Without a padding mask SDPA takes its
+    causal kernel, which skips the future instead of computing and masking it.
+    """
+    return model(input_ids=batch["input_ids"], use_cache=False).logits
+
+
 def token_batches(
     examples: Sequence[Example], batch_tokens: int, rng: random.Random
 ) -> list[list[Example]]:
@@ -83,18 +94,19 @@ def response_loss(
     real token (system prompt, observations, template): language modelling of the
     environment's text, the pre-training a model built from scratch lacks.
     """
-    logits_BLV = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    logits_NV = logits_BLV[:, :-1].flatten(0, 1).float()
-    targets_N = batch["labels"][:, 1:].flatten()
-    loss = torch.nn.functional.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE)
+    logits_BLV = causal_logits(model, batch)
+    # One log-softmax serves both terms: each real token's negative log-likelihood.
+    nll_N = torch.nn.functional.cross_entropy(
+        logits_BLV[:, :-1].flatten(0, 1).float(),
+        batch["input_ids"][:, 1:].flatten(),
+        reduction="none",
+    )
+    learned_N = batch["labels"][:, 1:].flatten() != IGNORE
+    loss = nll_N[learned_N].mean()
     if context_weight > 0:
-        real_N = batch["attention_mask"][:, 1:].flatten().bool() & (targets_N == IGNORE)
-        context_N = torch.where(real_N, batch["input_ids"][:, 1:].flatten(), IGNORE)
-        if real_N.any():
-            context = torch.nn.functional.cross_entropy(logits_NV, context_N, ignore_index=IGNORE)
-            loss = loss + context_weight * context
+        context_N = batch["attention_mask"][:, 1:].flatten().bool() & ~learned_N
+        if context_N.any():
+            loss = loss + context_weight * nll_N[context_N].mean()
     return loss
 
 

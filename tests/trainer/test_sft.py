@@ -12,7 +12,7 @@ from client.prompts import ChatRenderer, agent_response
 from client.protocol import EpisodeTurn
 from trainer.config import SFTConfig
 from trainer.models import smollm2_gguf
-from trainer.sft import IGNORE, Example, collate, loss_mask, response_loss, sft
+from trainer.sft import IGNORE, Example, causal_logits, collate, loss_mask, response_loss, sft
 
 
 def conversation(renderer: ChatRenderer) -> tuple[list[EpisodeTurn], list[str]]:
@@ -50,6 +50,17 @@ def test_collate_ignores_prompts_and_padding() -> None:
     batch = collate([Example([5, 6, 7, 8], [(2, 4)]), Example([5, 6], [(1, 2)])], pad_id=0)
     assert batch["labels"].tolist() == [[IGNORE, IGNORE, 7, 8], [IGNORE, 6, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_a_right_padded_batch_gives_each_example_its_own_logits(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = [Example(list(range(5, 5 + n)), [(1, n)]) for n in (12, 7, 3)]
+    with torch.no_grad():
+        batched_BLV = causal_logits(model, collate(examples, pad_id=0))
+        for b, example in enumerate(examples):
+            alone_LV = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            n = len(example.input_ids)
+            torch.testing.assert_close(batched_BLV[b, :n], alone_LV, rtol=1e-4, atol=1e-5)
 
 
 def repeated_batch_losses(
