@@ -280,10 +280,10 @@ def agent_sequences(
     With the whole history, one sequence per trajectory learns every turn whose
     executed action was the expert's (a noisy turn stays in the context, unlearned):
     the cost is one pass over the episode instead of one per turn. ``deviations``:
-    each turn that deviated is learnt too, as an example of its own (its context as
-    lived, the expert's action as the target), so every state is labelled, as DAgger
-    wants for a model's own episodes. With a window, each turn is its own example,
-    its target the expert's action.
+    each turn that deviated is learnt too, as a branch after its context as lived
+    (the expert's response in place of the executed one), so every state is
+    labelled, as DAgger wants for a model's own episodes. With a window, each turn
+    is its own example, its target the expert's action.
     """
     if history is not None:
         return [
@@ -292,20 +292,19 @@ def agent_sequences(
         ]
     out = []
     for trajectory in trajectories:
-        turns = executed_turns(renderer, trajectory)
-        rendered = renderer.episode(trajectory.task, turns)
-        spans = []
-        for t, (span, step) in enumerate(zip(rendered.spans, trajectory.steps, strict=True)):
+        rendered = renderer.episode(trajectory.task, executed_turns(renderer, trajectory))
+        ids = rendered.input_ids
+        spans, corrections = [], []
+        for (start, end), step in zip(rendered.spans, trajectory.steps, strict=True):
             if step.action == step.expert_action:
-                spans.append(span)
+                spans.append((start, end))
             elif deviations and step.expert_action is not None:
-                prompt = renderer.prompt(
-                    trajectory.task, turns[:t], step.observation, step.admissible_actions, None
+                # From the token before the response on: it predicts the response's first.
+                corrections.append(
+                    (start - 1, [ids[start - 1], *expert_response(renderer, step)], 1)
                 )
-                target = expert_response(renderer, step)
-                out.append(Example.prompt_and_target(prompt, target))
-        if spans:
-            out.append(Example(rendered.input_ids, spans))
+        if spans or corrections:
+            out.append(Example.branched(ids, spans, corrections))
     return out
 
 
@@ -335,6 +334,40 @@ def judge_examples(
             step = trajectory.steps[t]
             prompt = renderer.judge_prompt(trajectory.task, turns[: t + 1], history)
             out.append((prompt, [label_ids[step.label]], step.label))
+    return out
+
+
+def judge_sequences(
+    renderer: ChatRenderer,
+    trajectories: list[Trajectory],
+    per_episode: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """The judge examples of judge_examples (whole history), one sequence per trajectory.
+
+    Each chosen turn's judge question and label is a branch after that turn's
+    response, so the episode is forwarded once for all its questions. The label is
+    learnt; the episode and the questions are context, as in separate examples.
+    """
+    label_ids = renderer.label_ids()
+    rng = random.Random(seed)
+    out = []
+    for trajectory in trajectories:
+        turns = executed_turns(renderer, trajectory)
+        rendered = renderer.episode(trajectory.task, turns)
+        chosen = range(len(turns))
+        if per_episode is not None:
+            chosen = _balanced_turns(trajectory, per_episode, rng)
+        questions = []
+        for t in chosen:
+            question = [
+                *renderer.judge_suffix(turns[: t + 1]),
+                label_ids[trajectory.steps[t].label],
+            ]
+            questions.append((rendered.spans[t][1], question, len(question) - 1))
+        if questions:
+            main = rendered.input_ids[: max(visible for visible, _, _ in questions)]
+            out.append(Example.branched(main, [], questions))
     return out
 
 

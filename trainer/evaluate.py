@@ -83,7 +83,7 @@ def teacher_forced(
 ) -> ForcedResult:
     """Score ``model`` on expert ``trajectories`` (see ForcedResult)."""
     from trainer.data import executed_turns
-    from trainer.sft import Example, causal_logits, collate
+    from trainer.sft import Example, batch_logits, collate
 
     contexts = []  # (episode index, input ids, spans, expert action of each span)
     for e, trajectory in enumerate(trajectories):
@@ -103,7 +103,7 @@ def teacher_forced(
             batch = collate(
                 [Example(ids, []) for _, ids, _, _ in chunk], renderer.tokenizer.pad_token_id
             )
-            logits_BLV = causal_logits(model, {k: v.to(device) for k, v in batch.items()})
+            logits_BLV = batch_logits(model, {k: v.to(device) for k, v in batch.items()})
             greedy_BL = logits_BLV.argmax(-1).cpu()
             for b, (e, ids, spans, named) in enumerate(chunk):
                 for (first, end), action in zip(spans, named, strict=True):

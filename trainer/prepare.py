@@ -32,7 +32,7 @@ import torch
 
 from client.env import EnvClient
 from client.prompts import ChatRenderer
-from client.protocol import LABELS
+from client.protocol import LABELS, Label
 from trainer.config import PrepareConfig, SFTConfig, TrainConfig
 from trainer.data import (
     ModelPolicy,
@@ -41,11 +41,12 @@ from trainer.data import (
     corpus,
     gather,
     judge_examples,
+    judge_sequences,
 )
 from trainer.evaluate import EvalResult, summarize, teacher_forced
 from trainer.models import build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator, run_episodes
-from trainer.sft import Example, causal_logits, collate, sft
+from trainer.sft import Example, batch_logits, collate, sft
 
 log = logging.getLogger(__name__)
 AGENT_FILE = "agent.json"
@@ -143,7 +144,7 @@ def judge_agreement(
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
             batch = collate([Example(p, []) for p, _, _ in chunk], renderer.tokenizer.pad_token_id)
-            logits_BLV = causal_logits(model, batch)
+            logits_BLV = batch_logits(model, batch)
             last_B = batch["attention_mask"].sum(dim=1) - 1
             label_logits_B3 = logits_BLV[torch.arange(len(chunk)), last_B][:, label_ids]
             for b, (_, _, label) in enumerate(chunk):
@@ -206,18 +207,8 @@ def prepare(
         teacher_agent = agent_sequences(
             renderer, trajectories["expert"] + trajectories["recovery"], config.history
         )
-        judged = judge_examples(
-            renderer,
-            trajectories["judge"],
-            config.history,
-            config.data.judge_turns_per_episode,
-            config.data.seed,
-        )
-        holdout = max(1, int(len(judged) * config.data.judge_holdout))
-        judge_train, judge_test = judged[holdout:], judged[:holdout]
-        teacher_examples = teacher_agent + [
-            Example.prompt_and_target(p, t) for p, t, _ in judge_train
-        ]
+        judge_train, judge_test = _judge_data(renderer, trajectories["judge"], config)
+        teacher_examples = teacher_agent + judge_train
         teacher, teacher_log, timings["teacher_sft_s"] = train_model(
             "teacher sft",
             tokenizer,
@@ -295,6 +286,23 @@ def prepare(
     shutil.rmtree(out, ignore_errors=True)
     building.rename(out)
     return out
+
+
+def _judge_data(
+    renderer: ChatRenderer, trajectories: list[Trajectory], config: PrepareConfig
+) -> tuple[list[Example], list[tuple[list[int], list[int], Label]]]:
+    """The judge's training examples, and its held-out (prompt, label id, label) triples.
+
+    The first ``judge_holdout`` of the trajectories are held out. With the whole
+    history, each trajectory's questions share one sequence (judge_sequences)."""
+    holdout = max(1, int(len(trajectories) * config.data.judge_holdout))
+    per_episode, seed = config.data.judge_turns_per_episode, config.data.seed
+    test = judge_examples(renderer, trajectories[:holdout], config.history, per_episode, seed)
+    train_trajectories = trajectories[holdout:]
+    if config.history is None:
+        return judge_sequences(renderer, train_trajectories, per_episode, seed), test
+    judged = judge_examples(renderer, train_trajectories, config.history, per_episode, seed)
+    return [Example.prompt_and_target(p, t) for p, t, _ in judged], test
 
 
 def _dagger(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from services.teacher.backends.branches import BranchLayout
 from trainer.config import SFTConfig
 from trainer.muon import Muon
 
@@ -25,12 +26,48 @@ IGNORE = -100  # the label torch's cross-entropy skips
 
 @dataclass(frozen=True)
 class Example:
+    """Token ids with the spans to learn, and branches: other continuations of its prefix.
+
+    A branch (visible, start, end) is input_ids[start:end], a continuation of
+    input_ids[:visible] in place of what follows there (services/teacher/backends/
+    branches.py): it is trained exactly as if it were an example of its own, while
+    the prefix they share is forwarded once. The main sequence is everything before
+    the first branch.
+    """
+
     input_ids: list[int]
     spans: list[tuple[int, int]]  # [start, end) positions whose tokens are learned
+    branches: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def prompt_and_target(cls, prompt_ids: list[int], target_ids: list[int]) -> Example:
         return cls(prompt_ids + target_ids, [(len(prompt_ids), len(prompt_ids) + len(target_ids))])
+
+    @classmethod
+    def branched(
+        cls,
+        input_ids: list[int],
+        spans: list[tuple[int, int]],
+        branches: Sequence[tuple[int, list[int], int]],
+    ) -> Example:
+        """``input_ids`` learning ``spans``, then for each (visible, ids, first_learned) a
+        branch ``ids`` after input_ids[:visible] whose tokens from ``first_learned`` on are
+        learned. A branch's first token is predicted by nothing in the flattened sequence,
+        so first_learned is at least 1: a branch that should learn what follows
+        input_ids[:visible] starts with input_ids[visible - 1] again, one step back."""
+        if any(first < 1 for _, _, first in branches):
+            raise ValueError("a branch's first token cannot be learned (start one step back)")
+        layout = BranchLayout.build(input_ids, [(visible, ids) for visible, ids, _ in branches])
+        learned = [
+            (start + first, end)
+            for (_, start, end), (_, _, first) in zip(layout.branches, branches, strict=True)
+            if start + first < end
+        ]
+        return cls(layout.input_ids, [*spans, *learned], layout.branches)
+
+    def layout(self) -> BranchLayout:
+        main_len = min((start for _, start, _ in self.branches), default=len(self.input_ids))
+        return BranchLayout(self.input_ids, main_len, self.branches)
 
 
 def loss_mask(length: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -42,41 +79,69 @@ def loss_mask(length: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
 
 
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask, and labels that are IGNORE outside the spans."""
+    """Right-padded input ids, attention mask, labels that are IGNORE outside the spans,
+    and ``context``: the real tokens outside the spans that the token before them in the
+    flattened sequence predicts (every one but the first of the main sequence and of each
+    branch). With branches in the batch, also the 4-D mask and position ids they need."""
     width = max(len(e.input_ids) for e in batch)
     input_ids_BL = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_BL = torch.zeros((len(batch), width), dtype=torch.long)
     labels_BL = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    context_BL = torch.zeros((len(batch), width), dtype=torch.bool)
     for b, example in enumerate(batch):
         n = len(example.input_ids)
         ids_L = torch.tensor(example.input_ids, dtype=torch.long)
+        learned_L = loss_mask(n, example.spans)
         input_ids_BL[b, :n] = ids_L
         attention_BL[b, :n] = 1
-        labels_BL[b, :n] = torch.where(loss_mask(n, example.spans), ids_L, IGNORE)
-    return {"input_ids": input_ids_BL, "attention_mask": attention_BL, "labels": labels_BL}
+        labels_BL[b, :n] = torch.where(learned_L, ids_L, IGNORE)
+        context_BL[b, 1:n] = ~learned_L[1:]
+        for _, start, _ in example.branches:
+            context_BL[b, start] = False
+    out = {
+        "input_ids": input_ids_BL,
+        "attention_mask": attention_BL,
+        "labels": labels_BL,
+        "context": context_BL,
+    }
+    if any(example.branches for example in batch):
+        layouts = [example.layout() for example in batch]
+        out["branch_mask"] = torch.stack([layout.additive_mask(width) for layout in layouts])
+        out["position_ids"] = torch.stack([layout.position_ids(width) for layout in layouts])
+    return out
 
 
-def causal_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The logits of a collated (right-padded) batch, shaped [B, L, V].
 
-    No attention mask goes to the model: every pad comes after a row's real tokens,
-    so under the causal mask no real position sees one, and the real positions'
-    logits are those of the masked forward. Without a padding mask SDPA takes its
-    causal kernel, which skips the future instead of computing and masking it.
+    Without branches no attention mask goes to the model: every pad comes after a
+    row's real tokens, so under the causal mask no real position sees one, and the
+    real positions' logits are those of the masked forward. Without a padding mask
+    SDPA takes its causal kernel, which skips the future instead of computing and
+    masking it. With branches the 4-D mask and position ids say who sees whom.
     """
-    return model(input_ids=batch["input_ids"], use_cache=False).logits
+    if "branch_mask" not in batch:
+        return model(input_ids=batch["input_ids"], use_cache=False).logits
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["branch_mask"][:, None],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
 
 
 def token_batches(
     examples: Sequence[Example], batch_tokens: int, rng: random.Random
 ) -> list[list[Example]]:
     """Batches of similar length, each at most ``batch_tokens`` padded tokens, in random order."""
-    order = sorted(examples, key=lambda e: len(e.input_ids) + rng.random())
+    # Examples with branches batch apart: a batch without any keeps the causal kernel.
+    order = sorted(examples, key=lambda e: (bool(e.branches), len(e.input_ids) + rng.random()))
     batches: list[list[Example]] = []
     current: list[Example] = []
     for example in order:
         width = len(example.input_ids)  # sorted: the newest is the widest
-        if current and width * (len(current) + 1) > batch_tokens:
+        other_kind = current and bool(current[0].branches) != bool(example.branches)
+        if current and (other_kind or width * (len(current) + 1) > batch_tokens):
             batches.append(current)
             current = []
         current.append(example)
@@ -95,7 +160,7 @@ def response_loss(
     real token (system prompt, observations, template): language modelling of the
     environment's text, the pre-training a model built from scratch lacks.
     """
-    logits_BLV = causal_logits(model, batch)
+    logits_BLV = batch_logits(model, batch)
     # One log-softmax serves both terms: each real token's negative log-likelihood.
     nll_N = torch.nn.functional.cross_entropy(
         logits_BLV[:, :-1].flatten(0, 1).float(),
@@ -105,7 +170,7 @@ def response_loss(
     learned_N = batch["labels"][:, 1:].flatten() != IGNORE
     loss = nll_N[learned_N].mean()
     if context_weight > 0:
-        context_N = batch["attention_mask"][:, 1:].flatten().bool() & ~learned_N
+        context_N = batch["context"][:, 1:].flatten()
         if context_N.any():
             loss = loss + context_weight * nll_N[context_N].mean()
     return loss

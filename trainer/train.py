@@ -57,7 +57,7 @@ from trainer.evaluate import summarize
 from trainer.losses import LossSwitches, token_loss, token_weights, topk_reverse_kl, turn_scores
 from trainer.prepare import AGENT_FILE, agent_info, evaluate_model, read_agent_info
 from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord, run_episode
-from trainer.sft import Example, causal_logits, collate, make_optimizer, warmup_cosine
+from trainer.sft import Example, batch_logits, collate, make_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def student_token_outputs(
     """log pi_S of each trained token (and its logits), in the batch's flat token order."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(contexts, pad_id).items()}
-    logits_BLV = causal_logits(model, batch)
+    logits_BLV = batch_logits(model, batch)
     rows, cols = [], []
     for b, context in enumerate(contexts):
         for start, end in context.spans:

@@ -100,18 +100,48 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
     # With no noise the model is asked but the expert acts.
     assert all(s.action == s.expert_action for t in play(noise=0.0) for s in t.steps)
     # No turn followed the expert, so the whole-episode sequences learn nothing; with
-    # deviations each state is an example of its own: the context as lived, then the
+    # deviations each state is learnt: a branch after the context as lived, with the
     # expert's action.
     assert agent_sequences(renderer, own, None) == []
-    labelled = iter(agent_sequences(renderer, own, None, deviations=True))
-    for trajectory in own:
+    labelled = agent_sequences(renderer, own, None, deviations=True)
+    assert len(labelled) == len(own)
+    for trajectory, example in zip(own, labelled, strict=True):
         lived = executed_turns(renderer, trajectory)
+        assert len(example.branches) == len(trajectory.steps)
         for t, step in enumerate(trajectory.steps):
-            example = next(labelled)
             context = renderer.prompt(trajectory.task, lived[:t], step.observation, [], None)
-            assert example.input_ids == context + response_ids(renderer, step.expert_action)
-            assert example.spans == [(len(context), len(example.input_ids))]
-    assert next(labelled, None) is None
+            target = response_ids(renderer, step.expert_action)
+            view, learned = branch_view(example, t)
+            assert view == context + target and learned == target
+    assert sum(len(e.spans) for e in labelled) == len(steps)  # nothing else is learnt
+
+
+def branch_view(example, b: int) -> tuple[list[int], list[int]]:  # noqa: ANN001
+    """Branch b as the sequence it stands for, and the tokens of it that are learnt."""
+    visible, start, end = example.branches[b]
+    ids = example.input_ids
+    learned = [ids[p] for s, e in example.spans for p in range(s, e) if start <= p < end]
+    return ids[:visible] + ids[start:end], learned
+
+
+def test_judge_sequences_hold_judge_examples_as_branches_of_one_episode(
+    serve,  # noqa: ANN001
+    tiny_model_dir,  # noqa: ANN001
+) -> None:
+    from transformers import AutoTokenizer
+
+    from client.prompts import ChatRenderer
+    from trainer.data import judge_examples, judge_sequences
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir), show_admissible=False)
+    trajectories = _play(serve(create_env_app(EnvSettings())), noise=0.5, near_miss=0.5)
+    separate = judge_examples(renderer, trajectories, None, per_episode=3, seed=4)
+    shared = judge_sequences(renderer, trajectories, per_episode=3, seed=4)
+    assert len(shared) == len(trajectories) and len(separate) > len(trajectories)
+    views = [branch_view(example, b) for example in shared for b in range(len(example.branches))]
+    assert views == [(prompt + label, label) for prompt, label, _ in separate]
+    # Each episode is forwarded once: fewer tokens than the questions asked one by one.
+    assert sum(len(e.input_ids) for e in shared) < sum(len(p) + 1 for p, _, _ in separate)
 
 
 def test_search_thoughts_say_whether_the_sought_object_is_in_view(

@@ -15,7 +15,7 @@ from trainer.models import smollm2_gguf
 from trainer.sft import (
     IGNORE,
     Example,
-    causal_logits,
+    batch_logits,
     collate,
     loss_mask,
     response_loss,
@@ -65,11 +65,41 @@ def test_a_right_padded_batch_gives_each_example_its_own_logits(tiny_model_dir: 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     examples = [Example(list(range(5, 5 + n)), [(1, n)]) for n in (12, 7, 3)]
     with torch.no_grad():
-        batched_BLV = causal_logits(model, collate(examples, pad_id=0))
+        batched_BLV = batch_logits(model, collate(examples, pad_id=0))
         for b, example in enumerate(examples):
             alone_LV = model(input_ids=torch.tensor([example.input_ids])).logits[0]
             n = len(example.input_ids)
             torch.testing.assert_close(batched_BLV[b, :n], alone_LV, rtol=1e-4, atol=1e-5)
+
+
+def test_a_branch_is_trained_exactly_as_an_example_of_its_own(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    main = list(range(5, 25))
+    # After 12 tokens: [main[11], 40, 41, 42] learning 40..42; after 20: [43, 44] learning 44.
+    branched = Example.branched(
+        main, [(3, 6)], [(11, [main[11], 40, 41, 42], 1), (20, [43, 44], 1)]
+    )
+    alone = [
+        Example(main, [(3, 6)]),
+        Example.prompt_and_target(main[:12], [40, 41, 42]),
+        Example(main + [43, 44], [(21, 22)]),
+    ]
+    with torch.no_grad():
+        together = response_loss(model, collate([branched, alone[0]], pad_id=0), context_weight=0.5)
+        apart = response_loss(model, collate([*alone, alone[0]], pad_id=0), context_weight=0.0)
+        plain = response_loss(model, collate([branched, alone[0]], pad_id=0), context_weight=0.0)
+        logits_LV = batch_logits(model, collate([branched], pad_id=0))[0]
+        second_LV = model(input_ids=torch.tensor([main + [43, 44]])).logits[0]
+    # The same learnt tokens under the same contexts: the same mean cross-entropy.
+    assert plain.item() == pytest.approx(apart.item(), rel=1e-5)
+    assert together.item() > plain.item()  # the context term is there too
+    _, start, end = branched.branches[1]
+    torch.testing.assert_close(logits_LV[start:end], second_LV[20:], rtol=1e-4, atol=1e-5)
+
+
+def test_a_branch_cannot_learn_its_first_token() -> None:
+    with pytest.raises(ValueError, match="first token"):
+        Example.branched([1, 2, 3], [], [(2, [7, 8], 0)])
 
 
 def repeated_batch_losses(

@@ -3,9 +3,9 @@
 Runs on CPU or GPU. Scoring reads only the logits it needs (``logits_to_keep``).
 The fused episode call runs each episode in one forward: the judge suffix of
 every turn is appended to the episode as a branch that attends to the episode
-up to that turn's response and to itself, never to another branch (a 4-D
-attention mask and explicit position ids), so teacher cost stays linear in the
-number of turns.
+up to that turn's response and to itself, never to another branch (branches.py:
+a 4-D attention mask and explicit position ids), so teacher cost stays linear in
+the number of turns.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from services.teacher.backends.base import (
     ScoreItem,
     TeacherBackend,
 )
+from services.teacher.backends.branches import BranchLayout
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,13 @@ class TransformersBackend(TeacherBackend):
         mask_BLL = torch.stack([layout.additive_mask(L) for layout in layouts])
         positions_BL = torch.stack([layout.position_ids(L) for layout in layouts])
         reads = [
-            self._score_reads(ScoreItem(i.input_ids, i.spans)) + layout.label_reads
+            self._score_reads(ScoreItem(i.input_ids, i.spans)) + layout.last_positions()
             for i, layout in zip(items, layouts, strict=True)
         ]
         rows = self._logprobs_at([x.input_ids for x in layouts], reads, mask_BLL, positions_BL)
         results = []
         for item, layout, r in zip(items, layouts, rows, strict=True):
-            n_scored = len(r) - len(layout.label_reads)
+            n_scored = len(r) - len(layout.branches)
             spans = self._scores_of(ScoreItem(item.input_ids, item.spans), r[:n_scored], top_k)
             probs = [_renormalised(row, label_ids) for row in r[n_scored:]]
             results.append(EpisodeScores(spans, probs if item.judge_suffixes is not None else None))
@@ -214,54 +215,14 @@ def _renormalised(logprobs_V: torch.Tensor, label_ids: list[int]) -> list[float]
     return torch.softmax(logprobs_V[label_ids], dim=0).tolist()
 
 
-class _BranchLayout:
-    """An episode followed by its judge branches, flattened into one sequence.
-
-    Branch t (the judge suffix of turn t) sits after the episode and after the
-    branches before it; it sees the episode's tokens up to the end of response t
-    and its own earlier tokens, and its position ids continue from that response,
-    exactly as if the judge prompt had been run on its own.
-    """
-
-    def __init__(self, input_ids: list[int], branches: list[tuple[int, list[int]]]) -> None:
-        self.main_len = len(input_ids)
-        self.input_ids = list(input_ids)
-        self.branches: list[tuple[int, int, int]] = []  # (sees main up to, start, end)
-        for visible, suffix in branches:
-            start = len(self.input_ids)
-            self.input_ids.extend(suffix)
-            self.branches.append((visible, start, len(self.input_ids)))
-        self.label_reads = [end - 1 for _, _, end in self.branches]
-
-    def additive_mask(self, length: int) -> torch.Tensor:
-        allowed_LL = torch.zeros((length, length), dtype=torch.bool)
-        n = self.main_len
-        allowed_LL[:n, :n] = torch.ones((n, n), dtype=torch.bool).tril()
-        for visible, start, end in self.branches:
-            allowed_LL[start:end, :visible] = True
-            width = end - start
-            allowed_LL[start:end, start:end] = torch.ones((width, width), dtype=torch.bool).tril()
-        # Padding rows see themselves only, so no row is fully masked.
-        pad = torch.arange(len(self.input_ids), length)
-        allowed_LL[pad, pad] = True
-        mask_LL = torch.zeros((length, length), dtype=torch.float32)
-        return mask_LL.masked_fill(~allowed_LL, torch.finfo(torch.float32).min)
-
-    def position_ids(self, length: int) -> torch.Tensor:
-        positions_L = torch.zeros(length, dtype=torch.long)
-        positions_L[: self.main_len] = torch.arange(self.main_len)
-        for visible, start, end in self.branches:
-            positions_L[start:end] = torch.arange(visible, visible + end - start)
-        return positions_L
-
-
-def _branch_layout(item: EpisodeItem) -> _BranchLayout:
-    """The episode and its judge branches; none when it is scored without the judge (a
-    micro-batch may hold judged and unjudged episodes of different trainers)."""
+def _branch_layout(item: EpisodeItem) -> BranchLayout:
+    """The episode and its judge branches (each turn's judge suffix after its response);
+    none when it is scored without the judge (a micro-batch may hold judged and unjudged
+    episodes of different trainers)."""
     if item.judge_suffixes is None:
-        return _BranchLayout(item.input_ids, [])
+        return BranchLayout.build(item.input_ids, [])
     branches = zip(item.spans, item.judge_suffixes, strict=True)
-    return _BranchLayout(item.input_ids, [(end, suffix) for (_, end), suffix in branches])
+    return BranchLayout.build(item.input_ids, [(end, suffix) for (_, end), suffix in branches])
 
 
 def local_revision(path: str | Path) -> str | None:
