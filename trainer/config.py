@@ -40,7 +40,9 @@ class SFTConfig(Frozen):
     grad_clip: float = 1.0
     context_weight: float = 0.0  # > 0: also language-model the context tokens (see sft.py)
     # muon: Muon on the hidden layers' matrices, AdamW on embeddings and norms, one lr and
-    # schedule (trainer/muon.py); the tiny models learn in several times fewer steps.
+    # schedule (trainer/muon.py). On the tiny teacher (lr 3e-3, 2k-token batches), 2,586
+    # Muon steps won 63.4% of valid_unseen before DAgger, 4,526 AdamW steps 47.8%; after
+    # one DAgger round both ended near 80%, short of AdamW's 9,000-step teacher.
     optimizer: Literal["adamw", "muon"] = "adamw"
     seed: int = 0
 
