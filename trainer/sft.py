@@ -133,15 +133,18 @@ def batch_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def token_batches(
     examples: Sequence[Example], batch_tokens: int, rng: random.Random
 ) -> list[list[Example]]:
-    """Batches of similar length, each at most ``batch_tokens`` padded tokens, in random order."""
-    # Examples with branches batch apart: a batch without any keeps the causal kernel.
-    order = sorted(examples, key=lambda e: (bool(e.branches), len(e.input_ids) + rng.random()))
+    """Batches of similar length, each at most ``batch_tokens`` padded tokens, in random order.
+
+    Examples with branches mix with those without: the loss is a mean over a batch's
+    learned tokens, so a batch of judge sequences alone (a label or two per sequence)
+    would weigh each label as much as a whole batch of agent turns.
+    """
+    order = sorted(examples, key=lambda e: len(e.input_ids) + rng.random())
     batches: list[list[Example]] = []
     current: list[Example] = []
     for example in order:
         width = len(example.input_ids)  # sorted: the newest is the widest
-        other_kind = current and bool(current[0].branches) != bool(example.branches)
-        if current and (other_kind or width * (len(current) + 1) > batch_tokens):
+        if current and width * (len(current) + 1) > batch_tokens:
             batches.append(current)
             current = []
         current.append(example)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from trainer.sft import (
     response_loss,
     sft,
     sft_optimizers,
+    token_batches,
 )
 
 
@@ -95,6 +97,17 @@ def test_a_branch_is_trained_exactly_as_an_example_of_its_own(tiny_model_dir: Pa
     assert together.item() > plain.item()  # the context term is there too
     _, start, end = branched.branches[1]
     torch.testing.assert_close(logits_LV[start:end], second_LV[20:], rtol=1e-4, atol=1e-5)
+
+
+def test_examples_with_branches_share_batches_with_those_without() -> None:
+    # The loss is a mean over a batch's learned tokens: a batch of judge sequences
+    # alone would give its few labels the weight of a whole batch of agent turns.
+    plain = [Example(list(range(10, 20)), [(5, 10)]) for _ in range(3)]
+    judged = [Example.branched(list(range(10, 18)), [], [(8, [30, 31], 1)]) for _ in range(3)]
+    batches = token_batches([*plain, *judged], batch_tokens=60, rng=random.Random(0))
+    assert len(batches) == 1
+    assert {bool(e.branches) for e in batches[0]} == {True, False}
+    assert "branch_mask" in collate(batches[0], pad_id=0)
 
 
 def test_a_branch_cannot_learn_its_first_token() -> None:
