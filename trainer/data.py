@@ -278,7 +278,8 @@ def agent_sequences(
     """SFT examples teaching the expert's action in the contexts the agent lived.
 
     With the whole history, one sequence per trajectory learns every turn whose
-    executed action was the expert's (a noisy turn stays in the context, unlearned):
+    executed action was the expert's (a noisy turn stays in the context, unlearned and
+    quiet: the context loss does not language-model a slip as text to imitate):
     the cost is one pass over the episode instead of one per turn. ``deviations``:
     each turn that deviated is learnt too, as a branch after its context as lived
     (the expert's response in place of the executed one), so every state is
@@ -294,17 +295,19 @@ def agent_sequences(
     for trajectory in trajectories:
         rendered = renderer.episode(trajectory.task, executed_turns(renderer, trajectory))
         ids = rendered.input_ids
-        spans, corrections = [], []
+        spans, corrections, quiet = [], [], []
         for (start, end), step in zip(rendered.spans, trajectory.steps, strict=True):
             if step.action == step.expert_action:
                 spans.append((start, end))
-            elif deviations and step.expert_action is not None:
+                continue
+            quiet.append((start, end))
+            if deviations and step.expert_action is not None:
                 # From the token before the response on: it predicts the response's first.
                 corrections.append(
                     (start - 1, [ids[start - 1], *expert_response(renderer, step)], 1)
                 )
         if spans or corrections:
-            out.append(Example.branched(ids, spans, corrections))
+            out.append(Example.branched(ids, spans, corrections, quiet))
     return out
 
 
@@ -367,7 +370,12 @@ def judge_sequences(
             questions.append((rendered.spans[t][1], question, len(question) - 1))
         if questions:
             main = rendered.input_ids[: max(visible for visible, _, _ in questions)]
-            out.append(Example.branched(main, [], questions))
+            quiet = [
+                span
+                for span, step in zip(rendered.spans, trajectory.steps, strict=True)
+                if step.action != step.expert_action and span[1] <= len(main)
+            ]
+            out.append(Example.branched(main, [], questions, quiet))
     return out
 
 

@@ -38,6 +38,10 @@ class Example:
     input_ids: list[int]
     spans: list[tuple[int, int]]  # [start, end) positions whose tokens are learned
     branches: tuple[tuple[int, int, int], ...] = ()
+    # [start, end) positions that are neither learned nor language-modelled as context:
+    # responses the agent should not have given (a noisy policy's slips), which the
+    # context loss would otherwise teach as text to imitate.
+    quiet: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def prompt_and_target(cls, prompt_ids: list[int], target_ids: list[int]) -> Example:
@@ -49,6 +53,7 @@ class Example:
         input_ids: list[int],
         spans: list[tuple[int, int]],
         branches: Sequence[tuple[int, list[int], int]],
+        quiet: Sequence[tuple[int, int]] = (),
     ) -> Example:
         """``input_ids`` learning ``spans``, then for each (visible, ids, first_learned) a
         branch ``ids`` after input_ids[:visible] whose tokens from ``first_learned`` on are
@@ -63,7 +68,7 @@ class Example:
             for (_, start, end), (_, _, first) in zip(layout.branches, branches, strict=True)
             if start + first < end
         ]
-        return cls(layout.input_ids, [*spans, *learned], layout.branches)
+        return cls(layout.input_ids, [*spans, *learned], layout.branches, tuple(quiet))
 
     def layout(self) -> BranchLayout:
         main_len = min((start for _, start, _ in self.branches), default=len(self.input_ids))
@@ -96,6 +101,8 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         attention_BL[b, :n] = 1
         labels_BL[b, :n] = torch.where(learned_L, ids_L, IGNORE)
         context_BL[b, 1:n] = ~learned_L[1:]
+        for start, end in example.quiet:
+            context_BL[b, start:end] = False
         for _, start, _ in example.branches:
             context_BL[b, start] = False
     out = {

@@ -30,7 +30,13 @@ def _play(url: str, noise: float, near_miss: float) -> list:
     async def run() -> list:
         async with EnvClient(url) as env:
             return await gather(
-                env, list(range(6)), noise, 0, max_turns=8, progress=False, near_miss=near_miss
+                env,
+                list(range(6)),
+                noise,
+                0,
+                max_turns=8,
+                progress=False,
+                near_miss=near_miss,
             )
 
     return asyncio.run(run())
@@ -122,6 +128,38 @@ def branch_view(example, b: int) -> tuple[list[int], list[int]]:  # noqa: ANN001
     ids = example.input_ids
     learned = [ids[p] for s, e in example.spans for p in range(s, e) if start <= p < end]
     return ids[:visible] + ids[start:end], learned
+
+
+def test_slips_stay_in_the_context_but_are_not_language_modelled(
+    serve,  # noqa: ANN001
+    tiny_model_dir,  # noqa: ANN001
+) -> None:
+    from transformers import AutoTokenizer
+
+    from client.prompts import ChatRenderer
+    from trainer.data import agent_sequences, judge_sequences, response_ids
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir), show_admissible=False)
+    trajectories = _play(serve(create_env_app(EnvSettings())), noise=0.5, near_miss=0.5)
+    slips = [
+        [response_ids(renderer, s.action) for s in t.steps if s.action != s.expert_action]
+        for t in trajectories
+    ]
+    assert any(slips)
+
+    def quiet(example) -> list[list[int]]:  # noqa: ANN001
+        return [example.input_ids[start:end] for start, end in example.quiet]
+
+    # An agent sequence keeps every turn in its context; the slips are quiet.
+    followed = [
+        i for i, t in enumerate(trajectories) if any(s.action == s.expert_action for s in t.steps)
+    ]
+    agent = agent_sequences(renderer, trajectories, None)
+    assert [quiet(e) for e in agent] == [slips[i] for i in followed]
+    # A judge sequence ends at its last question: the slips up to there are quiet.
+    judged = judge_sequences(renderer, trajectories, per_episode=3, seed=4)
+    assert all(quiet(e) == slips[i][: len(quiet(e))] for i, e in enumerate(judged))
+    assert sum(len(quiet(e)) for e in judged) > 0
 
 
 def test_judge_sequences_hold_judge_examples_as_branches_of_one_episode(

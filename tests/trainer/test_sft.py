@@ -196,3 +196,17 @@ def test_context_weight_adds_that_much_of_the_context_tokens_mean_cross_entropy(
     context = [-logprobs[p - 1, ids[p]].item() for p in (1, 2, 3)] + [-short[0, 6].item()]
     expected = plain.item() + 0.5 * sum(context) / len(context)
     assert weighted.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_quiet_tokens_are_neither_learned_nor_language_modelled(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    # Positions 2..3 are a slip the context loss must not teach; 4..5 are learned.
+    example = Example([5, 6, 7, 8, 9, 10], [(4, 6)], quiet=((2, 4),))
+    batch = collate([example], pad_id=0)
+    assert batch["context"].tolist() == [[False, True, False, False, False, False]]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([example.input_ids])).logits[0], -1)
+        weighted = response_loss(model, batch, context_weight=0.5)
+    learned = [-logprobs[p - 1, example.input_ids[p]].item() for p in (4, 5)]
+    only_context = -logprobs[0, 6].item()
+    assert weighted.item() == pytest.approx(sum(learned) / 2 + 0.5 * only_context, rel=1e-5)
