@@ -130,17 +130,23 @@ def branch_view(example, b: int) -> tuple[list[int], list[int]]:  # noqa: ANN001
     return ids[:visible] + ids[start:end], learned
 
 
+def _noisy_episodes(serve, tiny_model_dir) -> tuple:  # noqa: ANN001
+    """A renderer for the tiny model, and six half-noisy episodes played on a real env service."""
+    from transformers import AutoTokenizer
+
+    from client.prompts import ChatRenderer
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir), show_admissible=False)
+    return renderer, _play(serve(create_env_app(EnvSettings())), noise=0.5, near_miss=0.5)
+
+
 def test_slips_stay_in_the_context_but_are_not_language_modelled(
     serve,  # noqa: ANN001
     tiny_model_dir,  # noqa: ANN001
 ) -> None:
-    from transformers import AutoTokenizer
-
-    from client.prompts import ChatRenderer
     from trainer.data import agent_sequences, judge_sequences, response_ids
 
-    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir), show_admissible=False)
-    trajectories = _play(serve(create_env_app(EnvSettings())), noise=0.5, near_miss=0.5)
+    renderer, trajectories = _noisy_episodes(serve, tiny_model_dir)
     slips = [
         [response_ids(renderer, s.action) for s in t.steps if s.action != s.expert_action]
         for t in trajectories
@@ -166,13 +172,9 @@ def test_judge_sequences_hold_judge_examples_as_branches_of_one_episode(
     serve,  # noqa: ANN001
     tiny_model_dir,  # noqa: ANN001
 ) -> None:
-    from transformers import AutoTokenizer
-
-    from client.prompts import ChatRenderer
     from trainer.data import judge_examples, judge_sequences
 
-    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model_dir), show_admissible=False)
-    trajectories = _play(serve(create_env_app(EnvSettings())), noise=0.5, near_miss=0.5)
+    renderer, trajectories = _noisy_episodes(serve, tiny_model_dir)
     separate = judge_examples(renderer, trajectories, None, per_episode=3, seed=4)
     shared = judge_sequences(renderer, trajectories, per_episode=3, seed=4)
     assert len(shared) == len(trajectories) and len(separate) > len(trajectories)
