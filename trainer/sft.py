@@ -167,8 +167,9 @@ def response_loss(
     """Mean cross-entropy over the learned tokens of the batch.
 
     ``context_weight`` > 0 adds that times the mean cross-entropy of every other
-    real token (system prompt, observations, template): language modelling of the
-    environment's text, the pre-training a model built from scratch lacks.
+    real token (system prompt, observations, template) but the quiet ones: language
+    modelling of the environment's text, the pre-training a model built from scratch
+    lacks.
     """
     logits_BLV = batch_logits(model, batch)
     # One log-softmax serves both terms: each real token's negative log-likelihood.
