@@ -44,6 +44,7 @@ class Step:
     feedback: str = ""
     steps_left_after: int | None = None
     thought: str | None = None  # the expert's thought before its action (add_search_thoughts)
+    said: str | None = None  # a model's whole response, where its action was executed
 
     @property
     def label(self) -> Label:
@@ -85,7 +86,8 @@ async def play_with_expert(
     probability ``near_miss``, the expert's action with one number changed (see
     :func:`near_miss_action`), else a random admissible action. The model is asked
     every turn (its batches then hold every episode in flight) and sees the episode
-    as lived, rendered as in training.
+    as lived: its own turns as it wrote them (``Step.said``), as in an evaluation,
+    the expert's as in training.
     """
     rng = random.Random(f"{seed}:{split}:{task_id}:{noise}")
     session = env.open_session(env=env_name, split=split, task_id=task_id, max_turns=max_turns)  # type: ignore[arg-type]
@@ -96,9 +98,9 @@ async def play_with_expert(
         advice = await env.expert(created.session_id, steps_left=True)
         while not result.done:
             action = advice.action
-            own = None
+            own = said = None
             if policy is not None:
-                own = await policy.act(
+                own, said = await policy.act(
                     trajectory, result.observation, result.admissible_actions, key
                 )
             if action is None or rng.random() < noise:
@@ -114,6 +116,7 @@ async def play_with_expert(
                 action=action,
                 expert_action=advice.action,
                 steps_left=advice.steps_left,
+                said=said if own and action == own else None,
             )
             result = await env.step(created.session_id, action)
             advice = await env.expert(created.session_id, steps_left=True)
@@ -134,13 +137,13 @@ class ModelPolicy:
 
     async def act(
         self, trajectory: Trajectory, observation: str, admissible: list[str], key: object
-    ) -> str:
-        """The model's action here ("" when its response names none)."""
-        turns = executed_turns(self.renderer, trajectory)
+    ) -> tuple[str, str]:
+        """The model's action here ("" when its response names none) and its whole response."""
+        turns = executed_turns(self.renderer, trajectory, own_words=True)
         prompt = self.renderer.prompt(trajectory.task, turns, observation, admissible, self.history)
         sample = await self.generator.generate(prompt, key=key)
         text = self.renderer.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
-        return parse_action(text) or ""
+        return parse_action(text) or "", text
 
 
 def near_miss_action(action: str | None, rng: random.Random) -> str | None:
@@ -216,35 +219,81 @@ def add_search_thoughts(trajectories: list[Trajectory]) -> None:
     apple not here". Written before the action, the thought names the sought
     object next to the contents it is checked against, so a small model decides
     take-or-go by matching one name in view instead of recalling the task's.
-    Steps whose contents show the object without the expert taking it (it holds
-    another) get none. Thoughts are known once an episode is over (from the
-    expert's later finds), so a model playing DAgger episodes sees its earlier
-    turns rendered without them.
+    After "Nothing happens." the contents seen last are still in view, and the
+    thought checks them again (the step after a failed take asks afresh whether
+    the object is there). Steps whose contents show the object without the expert
+    taking it (it holds another) get none. Thoughts are known once an episode is
+    over (from the expert's later finds), so a model playing DAgger episodes sees
+    its earlier turns rendered without them.
     """
     for trajectory in trajectories:
+        views, view = [], None  # the contents in view at each step
+        for step in trajectory.steps:
+            contents = _CONTENTS.search(step.observation)
+            if contents is not None or step.observation != NOTHING_HAPPENS:
+                view = contents.group(1) if contents is not None else None
+            views.append(view)
         sought = None  # the object of the expert's next find
-        for step in reversed(trajectory.steps):
+        for step, view in zip(reversed(trajectory.steps), reversed(views), strict=True):
             found = _FOUND.match(step.expert_action or "")
             if found:
                 sought = found["take"] or found["use"]
-            contents = _CONTENTS.search(step.observation)
             step.thought = None
-            if contents is None or sought is None:
+            if view is None or sought is None:
                 continue
             if found:
                 step.thought = f"{sought} {found['n'] or found['m']} here"
-            elif not re.search(rf"\b{re.escape(sought)} \d+", contents.group(1)):
+            elif not re.search(rf"\b{re.escape(sought)} \d+", view):
                 step.thought = f"{sought} not here"
 
 
-def executed_turns(renderer: ChatRenderer, trajectory: Trajectory) -> list[EpisodeTurn]:
-    """The trajectory as the agent lived it: the executed actions as its responses."""
+# An expert's thought: "apple 1 here" or "apple not here".
+_THOUGHT = re.compile(r"^(?P<sought>.+?) (?:\d+|not) here$")
+
+
+def slip_thought(step: Step) -> str | None:
+    """The thought that a slip's own action implies where the expert had one.
+
+    An agent that takes the wrong thing first thinks it is there ("apple 2 here"),
+    and one that walks on thinks it is not: a slip rendered with that thought is
+    the context a model meets after its own mistakes. None where the expert had no
+    thought, or for a take of anything but the sought object.
+    """
+    thought = _THOUGHT.match(step.thought or "")
+    if thought is None:
+        return None
+    sought = thought["sought"]
+    found = _FOUND.match(step.action or "")
+    if found is None:
+        return f"{sought} not here"
+    if (found["take"] or found["use"]) != sought:
+        return None
+    return f"{sought} {found['n'] or found['m']} here"
+
+
+def executed_turns(
+    renderer: ChatRenderer, trajectory: Trajectory, own_words: bool = False
+) -> list[EpisodeTurn]:
+    """The trajectory as the agent lived it: the executed actions as its responses.
+
+    A response is the canonical one for its action, with the expert's thought where
+    the action was the expert's and a slip's own (slip_thought) elsewhere: what
+    training learns and reads. ``own_words``: a model's turns are what it wrote
+    (``Step.said``), as the model itself saw them while it played.
+    """
+    eos = [renderer.eos_id]
     return [
         EpisodeTurn(
             observation=s.observation,
             admissible_actions=s.admissible_actions,
-            response_ids=response_ids(
-                renderer, s.action, s.thought if s.action == s.expert_action else None
+            response_ids=(
+                renderer.tokenizer.encode(s.said, add_special_tokens=False) + eos
+                if own_words and s.said is not None
+                else response_ids(
+                    renderer,
+                    s.action,
+                    s.thought if s.action == s.expert_action else slip_thought(s),
+                )
             ),
             feedback=s.feedback,
         )

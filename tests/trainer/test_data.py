@@ -62,7 +62,8 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from client.prompts import ChatRenderer
+    from client.prompts import ChatRenderer, parse_action
+    from client.protocol import EpisodeTurn
     from services.env.household import HouseholdEnvironment
     from trainer.config import SFTConfig
     from trainer.data import ModelPolicy, agent_sequences, executed_turns, response_ids
@@ -72,39 +73,88 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     renderer = ChatRenderer(tokenizer, show_admissible=False)
-    # A model that always answers "look" (an action the expert never takes).
+    # A model that always answers "look" (an action the expert never takes), with a
+    # thought, also after turns of its own.
+    said = "Thought: apple not here\nAction: look"
+    look = response_ids(renderer, "look", "apple not here")
+    assert tokenizer.decode(look, skip_special_tokens=True) == said
     family = HouseholdEnvironment()
     prompts = []
     for task_id in range(6):
         episode = family.make("train", task_id)
-        first = episode.reset()
-        prompts.append(renderer.prompt(episode.task.goal, [], first.observation, [], None))
-    look = response_ids(renderer, "look")
-    examples = [Example.prompt_and_target(p, look) for p in prompts] * 10
+        observation, turns = episode.reset().observation, []
+        for _ in range(4):
+            prompts.append(renderer.prompt(episode.task.goal, turns, observation, [], None))
+            feedback = episode.step("look").observation
+            turns.append(EpisodeTurn(observation=observation, response_ids=look, feedback=feedback))
+            observation = feedback
+    examples = [Example.prompt_and_target(p, look) for p in prompts] * 4
     sft(
         model,
         examples,
-        SFTConfig(epochs=4, lr=1e-2, batch_tokens=1024),
+        SFTConfig(epochs=4, lr=1e-2, batch_tokens=2048),
         tokenizer.pad_token_id,
         progress=False,
     )
     url = serve(create_env_app(EnvSettings()))
 
-    def play(noise: float) -> list:
-        async def run() -> list:
+    class Recording:
+        """The generator, keeping every prompt the policy sends it."""
+
+        def __init__(self, inner: BatchedGenerator) -> None:
+            self.inner, self.prompts = inner, []
+
+        def episode(self, key: object):  # noqa: ANN201
+            return self.inner.episode(key)
+
+        async def generate(self, prompt: list[int], key: object):  # noqa: ANN201
+            self.prompts.append(prompt)
+            return await self.inner.generate(prompt, key=key)
+
+    def play(noise: float) -> tuple[list, list[list[int]]]:
+        async def run() -> tuple[list, list[list[int]]]:
             async with EnvClient(url) as env, BatchedGenerator(model, tokenizer, 0) as generator:
-                policy = ModelPolicy(generator, renderer, None)
-                return await gather(
+                recording = Recording(generator)
+                policy = ModelPolicy(recording, renderer, None)  # type: ignore[arg-type]
+                played = await gather(
                     env, [0, 1, 2], noise, 0, max_turns=4, progress=False, policy=policy
                 )
+                return played, recording.prompts
 
         return asyncio.run(run())
 
-    own = play(noise=1.0)
+    own, asked = play(noise=1.0)
     steps = [s for t in own for s in t.steps]
     assert len(steps) == 12 and all(s.action == "look" != s.expert_action for s in steps)
+    # Each step keeps what the model wrote (its action was done in every one).
+    assert all(parse_action(s.said) == "look" for s in steps)
+    assert sum(s.said == said for s in steps) >= 9
+    # While it plays, the model reads its earlier turns as it wrote them (thought and
+    # all), as in an evaluation; training renders them canonically (no thought here).
+    thought_id = tokenizer.convert_tokens_to_ids("Thought")
+    assert thought_id != tokenizer.unk_token_id
+    written = [
+        sum(
+            tokenizer.encode(s.said, add_special_tokens=False).count(thought_id)
+            for s in t.steps[:n]
+        )
+        for t in own
+        for n in range(len(t.steps))
+    ]
+    before = min(p.count(thought_id) for p in asked)  # in the system prompt, if anywhere
+    assert sorted(p.count(thought_id) - before for p in asked) == sorted(written)
+    assert max(written) >= 3
+    for trajectory in own:
+        mine = executed_turns(renderer, trajectory, own_words=True)
+        assert [tokenizer.decode(t.response_ids, skip_special_tokens=True) for t in mine] == [
+            s.said for s in trajectory.steps
+        ]
+        canonical = executed_turns(renderer, trajectory)
+        assert all(t.response_ids == response_ids(renderer, "look") for t in canonical)
     # With no noise the model is asked but the expert acts.
-    assert all(s.action == s.expert_action for t in play(noise=0.0) for s in t.steps)
+    assert all(
+        s.action == s.expert_action and s.said is None for t in play(noise=0.0)[0] for s in t.steps
+    )
     # No turn followed the expert, so the whole-episode sequences learn nothing; with
     # deviations each state is learnt: a branch after the context as lived, with the
     # expert's action.
@@ -198,22 +248,36 @@ def test_search_thoughts_say_whether_the_sought_object_is_in_view(
     async def run() -> list:
         async with EnvClient(url) as env:
             return await gather(
-                env, list(range(12)), 0.3, 0, max_turns=30, progress=False, thoughts=True
+                env,
+                list(range(12)),
+                0.3,
+                0,
+                max_turns=30,
+                progress=False,
+                thoughts=True,
+                near_miss=0.5,
             )
 
     trajectories = asyncio.run(run())
     finds = re.compile(r"(take|use) ")
-    here = absent = 0
+    here = absent = after_failure = 0
     for trajectory in trajectories:
         last_find = max(
             (t for t, s in enumerate(trajectory.steps) if finds.match(s.expert_action or "")),
             default=-1,
         )
+        in_view = None  # the contents seen last: "Nothing happens." leaves them in view
         for t, step in enumerate(trajectory.steps):
+            if step.observation != NOTHING_HAPPENS:
+                in_view = (
+                    step.observation.split("you see", 1)[1]
+                    if "you see" in step.observation
+                    else None
+                )
             if step.thought is None:
                 continue
-            assert t <= last_find  # only while something is still to be found
-            in_view = step.observation.split("you see", 1)[1]
+            assert t <= last_find and in_view is not None  # searching, contents in view
+            after_failure += step.observation == NOTHING_HAPPENS
             if step.thought.endswith(" not here"):
                 # "apple not here": no apple in view, and the expert walks on.
                 sought = step.thought.removesuffix(" not here")
@@ -226,17 +290,28 @@ def test_search_thoughts_say_whether_the_sought_object_is_in_view(
                 assert re.search(rf"\b{found}\b", in_view)
                 assert re.match(rf"(take {found} from |use {found}$)", step.expert_action)
                 here += 1
-    assert here >= 6 and absent >= 6
-    # Rendered before the action, and only where the agent did what the expert would.
+    assert here >= 6 and absent >= 6 and after_failure >= 1
+    # Rendered before the action. A slip carries the thought its own action implies.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     renderer = ChatRenderer(tokenizer)
-    thought_turns = 0
+    thought_turns = slip_takes = slip_walks = 0
     for trajectory in trajectories:
         turns = executed_turns(renderer, trajectory)
         for step, turn in zip(trajectory.steps, turns, strict=True):
             text = tokenizer.decode(turn.response_ids, skip_special_tokens=True)
             assert parse_action(text) == step.action
-            expected = step.thought if step.action == step.expert_action else None
-            assert text.startswith(f"Thought: {expected}\n") == (expected is not None)
-            thought_turns += expected is not None
-    assert thought_turns >= 12
+            thought = re.match(r"Thought: (.*)\n", text)
+            assert (thought is not None) <= (step.thought is not None)
+            if step.action == step.expert_action:
+                assert (thought and thought[1]) == step.thought
+                thought_turns += thought is not None
+            elif thought is not None:
+                sought = re.match(r"(.+?) (\d+|not) here$", step.thought)[1]
+                took = re.match(rf"(?:take ({sought} \d+) from |use ({sought} \d+)$)", step.action)
+                if took:  # "take apple 2 from desk 1" thinks "apple 2 here"
+                    assert thought[1] == f"{took[1] or took[2]} here"
+                    slip_takes += 1
+                else:  # walking on thinks it is not here
+                    assert thought[1] == f"{sought} not here"
+                    slip_walks += 1
+    assert thought_turns >= 12 and slip_takes >= 1 and slip_walks >= 1
