@@ -56,6 +56,9 @@ class DataConfig(Frozen):
     judge_tasks: int = 1500  # noisy episodes whose turns become judge examples
     judge_noise: float = 0.5
     near_miss: float = 0.5  # share of noisy steps that are near misses (trainer/data.py)
+    # Half of the "go to" near misses go to another receptacle type, from those the
+    # expert episodes' rooms hold (mostly one the room lacks: "Nothing happens.").
+    near_miss_places: bool = False
     judge_holdout: float = 0.1  # share of judge examples kept out of training
     judge_turns_per_episode: int | None = None  # None: every turn; k: k label-balanced turns
     student_tasks: int = 40  # the student's warm start: the first N expert and N recovery episodes

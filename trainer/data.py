@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -79,12 +80,14 @@ async def play_with_expert(
     env_name: str = "household",
     near_miss: float = 0.0,
     policy: ModelPolicy | None = None,
+    places: Sequence[str] = (),
 ) -> Trajectory:
     """Follow the expert, deviating with probability ``noise``.
 
     A deviation is the ``policy`` model's action when one is given, else, with
-    probability ``near_miss``, the expert's action with one number changed (see
-    :func:`near_miss_action`), else a random admissible action. The model is asked
+    probability ``near_miss``, the expert's action with one number changed, or a
+    "go to" with another of ``places`` (see :func:`near_miss_action`), else a random
+    admissible action. The model is asked
     every turn (its batches then hold every episode in flight) and sees the episode
     as lived: its own turns as it wrote them (``Step.said``), as in an evaluation,
     the expert's as in training.
@@ -108,7 +111,7 @@ async def play_with_expert(
                 if own is not None:
                     slip = own or None  # an unreadable response: a random action instead
                 elif near_miss > 0 and rng.random() < near_miss:
-                    slip = near_miss_action(action, rng)
+                    slip = near_miss_action(action, rng, places)
                 action = slip or rng.choice(result.admissible_actions)
             step = Step(
                 observation=result.observation,
@@ -146,14 +149,38 @@ class ModelPolicy:
         return parse_action(text) or "", text
 
 
-def near_miss_action(action: str | None, rng: random.Random) -> str | None:
+_GO = re.compile(r"^go to (?P<place>.+) (?P<n>\d+)$")
+
+
+def places_of(trajectories: list[Trajectory]) -> list[str]:
+    """The receptacle types the trajectories' "go to" actions name, sorted."""
+    return sorted(
+        {
+            go["place"]
+            for trajectory in trajectories
+            for step in trajectory.steps
+            for action in step.admissible_actions
+            if (go := _GO.match(action))
+        }
+    )
+
+
+def near_miss_action(
+    action: str | None, rng: random.Random, places: Sequence[str] = ()
+) -> str | None:
     """``action`` with one of its numbers changed ("take mug 2 from shelf 1" -> "... shelf 3").
 
     The slip a half-trained agent makes: it names the right thing with the wrong
     instance, which mostly is not there ("Nothing happens."). Data with such slips
     teaches the teacher to recover from them and the judge to call them Strong.
-    None when ``action`` has no number.
+    Given ``places`` (receptacle types), half of the "go to" slips go to another type
+    instead ("go to desk 1" -> "go to dresser 1"), mostly one this room lacks: the
+    slip of an agent that recalls a room it has seen before. None when ``action``
+    has no number.
     """
+    go = _GO.match(action or "")
+    if go and len(places) > 1 and rng.random() < 0.5:
+        return f"go to {rng.choice([p for p in places if p != go['place']])} {go['n']}"
     numbers = list(re.finditer(r"\d+", action or ""))
     if action is None or not numbers:
         return None
@@ -176,11 +203,12 @@ async def gather(
     near_miss: float = 0.0,
     policy: ModelPolicy | None = None,
     thoughts: bool = False,
+    places: Sequence[str] = (),
 ) -> list[Trajectory]:
     """Play ``task_ids`` (see play_with_expert); ``thoughts``: add_search_thoughts to them."""
     trajectories = await play_many(
         lambda t: play_with_expert(
-            env, split, t, noise, seed, max_turns, env_name, near_miss, policy
+            env, split, t, noise, seed, max_turns, env_name, near_miss, policy, places
         ),
         task_ids,
         concurrency,

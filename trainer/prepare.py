@@ -42,6 +42,7 @@ from trainer.data import (
     gather,
     judge_examples,
     judge_sequences,
+    places_of,
 )
 from trainer.evaluate import EvalResult, summarize, teacher_forced
 from trainer.models import build_llama, fit_tokenizer, save_model
@@ -423,8 +424,9 @@ async def _gather_all(
                 f"data asks for {needed} distinct train tasks (expert, recovery and judge "
                 f"tasks together), but {config.env}'s train split has {size}"
             )
-        out = {}
-        for name, level in noise.items():
+        out: dict[str, list[Trajectory]] = {}
+        places: list[str] = []
+        for name, level in noise.items():  # the expert's first: it names the places
             out[name] = await gather(
                 env,
                 ranges[name],
@@ -436,7 +438,10 @@ async def _gather_all(
                 env_name=config.env,
                 near_miss=config.data.near_miss,
                 thoughts=config.thoughts,
+                places=places,
             )
+            if config.data.near_miss_places and not places:
+                places = places_of(out[name])
     return out
 
 

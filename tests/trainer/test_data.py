@@ -24,6 +24,28 @@ def test_a_near_miss_changes_exactly_one_number() -> None:
         assert sum(changed) == 1
     assert near_miss_action("look", rng) is None
     assert near_miss_action(None, rng) is None
+    # Without places a "go to" slip changes its number too.
+    assert all(near_miss_action("go to desk 1", rng) != "go to desk 1" for _ in range(20))
+    assert {near_miss_action("go to desk 1", rng)[:-1] for _ in range(50)} == {"go to desk "}
+
+
+def test_given_places_half_the_go_near_misses_go_to_another_place() -> None:
+    from trainer.data import Step, Trajectory, places_of
+
+    rng = random.Random(0)
+    places = ["desk", "dresser", "sofa"]
+    slips = [near_miss_action("go to desk 1", rng, places) for _ in range(400)]
+    elsewhere = [s for s in slips if not s.startswith("go to desk ")]
+    assert set(elsewhere) == {"go to dresser 1", "go to sofa 1"}  # same number, other type
+    assert 150 <= len(elsewhere) <= 250  # about half
+    assert all(re.fullmatch(r"go to desk [2-5]", s) for s in slips if s not in elsewhere)
+    # Other actions only change a number.
+    assert near_miss_action("open drawer 1", rng, places).startswith("open drawer ")
+    # The places are the receptacle types of the rooms' "go to" actions.
+    step = Step("o", ["go to desk 1", "go to sofa 2", "go to sofa 1", "look"], "look", None, None)
+    trajectory = Trajectory("train", 0, "task", "pick_and_place")
+    trajectory.steps.append(step)
+    assert places_of([trajectory]) == ["desk", "sofa"]
 
 
 def _play(url: str, noise: float, near_miss: float) -> list:
