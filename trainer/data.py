@@ -222,7 +222,11 @@ async def gather(
 
 def response_ids(renderer: ChatRenderer, action: str, thought: str | None = None) -> list[int]:
     """The ids of the canonical response naming ``action``, closed by the end-of-turn token."""
-    text = agent_response(action, thought)
+    return text_ids(renderer, agent_response(action, thought))
+
+
+def text_ids(renderer: ChatRenderer, text: str) -> list[int]:
+    """The ids of a response ``text``, closed by the end-of-turn token."""
     return renderer.tokenizer.encode(text, add_special_tokens=False) + [renderer.eos_id]
 
 
@@ -251,14 +255,14 @@ def add_search_thoughts(trajectories: list[Trajectory]) -> None:
     thought checks them again (the step after a failed take asks afresh whether
     the object is there). Steps whose contents show the object without the expert
     taking it (it holds another) get none. Thoughts are known once an episode is
-    over (from the expert's later finds), so a model playing DAgger episodes sees
-    its earlier turns rendered without them.
+    over (from the expert's later finds); a model playing DAgger episodes reads its
+    own turns as it wrote them instead (``Step.said``).
     """
     for trajectory in trajectories:
         views, view = [], None  # the contents in view at each step
         for step in trajectory.steps:
-            contents = _CONTENTS.search(step.observation)
-            if contents is not None or step.observation != NOTHING_HAPPENS:
+            if step.observation != NOTHING_HAPPENS:
+                contents = _CONTENTS.search(step.observation)
                 view = contents.group(1) if contents is not None else None
             views.append(view)
         sought = None  # the object of the expert's next find
@@ -309,13 +313,12 @@ def executed_turns(
     training learns and reads. ``own_words``: a model's turns are what it wrote
     (``Step.said``), as the model itself saw them while it played.
     """
-    eos = [renderer.eos_id]
     return [
         EpisodeTurn(
             observation=s.observation,
             admissible_actions=s.admissible_actions,
             response_ids=(
-                renderer.tokenizer.encode(s.said, add_special_tokens=False) + eos
+                text_ids(renderer, s.said)
                 if own_words and s.said is not None
                 else response_ids(
                     renderer,

@@ -426,7 +426,7 @@ async def _gather_all(
             )
         out: dict[str, list[Trajectory]] = {}
         places: list[str] = []
-        for name, level in noise.items():  # the expert's first: it names the places
+        for name, level in noise.items():
             out[name] = await gather(
                 env,
                 ranges[name],
@@ -440,8 +440,8 @@ async def _gather_all(
                 thoughts=config.thoughts,
                 places=places,
             )
-            if config.data.near_miss_places and not places:
-                places = places_of(out[name])
+            if name == "expert" and config.data.near_miss_places:
+                places = places_of(out[name])  # the noisy episodes' near misses use them
     return out
 
 
