@@ -157,8 +157,8 @@ def eval_command(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from client.prompts import ChatRenderer
-    from trainer.evaluate import teacher_forced
-    from trainer.prepare import env_service, evaluate_model, expert_episodes, read_agent_info
+    from trainer.evaluate import summarize, teacher_forced
+    from trainer.prepare import env_service, expert_episodes, play_greedy, read_agent_info
 
     info = read_agent_info(model)
     if not info:
@@ -173,8 +173,8 @@ def eval_command(
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy = AutoModelForCausalLM.from_pretrained(model).eval()
     with env_service(env_url) as url:
-        result = asyncio.run(
-            evaluate_model(
+        episodes = asyncio.run(
+            play_greedy(
                 policy,
                 tokenizer,
                 url,
@@ -185,10 +185,17 @@ def eval_command(
                 show_admissible=info.get("show_admissible", True),
             )
         )
-        typer.echo(result.line())
+        typer.echo(summarize(split, episodes).line())
         if forced:
             experts = asyncio.run(
-                expert_episodes(url, split, limit, max_turns, thoughts=info.get("thoughts", False))
+                expert_episodes(
+                    url,
+                    split,
+                    limit,
+                    max_turns,
+                    thoughts=info.get("thoughts", False),
+                    thought_style=info.get("thought_style", "number"),
+                )
             )
             renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
             typer.echo(teacher_forced(policy, renderer, experts, history).line())

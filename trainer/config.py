@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from client.protocol import MAX_TOP_K
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -91,6 +93,9 @@ class PrepareConfig(Frozen):
     # The expert's responses think while searching ("Thought: apple not here"; see
     # trainer/data.py add_search_thoughts): the models learn to write it before acting.
     thoughts: bool = False
+    # number: "apple 1 here" / "apple not here"; decision: "apple here" / "apple not
+    # here", the number in the action only (the token after the name is the decision).
+    thought_style: Literal["number", "decision"] = "number"
     max_turns: int = 30
     vocab_size: int = 2048
     tokenizer_tasks: int = 600  # train tasks whose text fits the tokenizer
@@ -148,9 +153,16 @@ class LossConfig(Frozen):
     normalization: bool = True  # divide by sum s_t (off: by the number of tokens)
     alpha: float = Field(0.5, ge=0, le=1)  # i_t of a Weak turn
     force_strong_repeated: bool = False  # a repeated action with unchanged feedback is Strong
-    ppo_clip: float = Field(0.2, gt=0)
-    substeps: int = Field(1, ge=1)  # optimizer steps per batch of rollouts (PPO clip beyond 1)
-    top_k: int = Field(0, ge=0)  # > 0: the top-k reverse-KL variant with the teacher's top-k
+    ppo_clip: float = Field(0.2, gt=0)  # the sampled divergence's PPO clip (substeps > 1)
+    substeps: int = Field(1, ge=1)  # optimizer steps per batch of rollouts
+    # The per-token loss l_tj (trainer/losses.py). sampled: the paper's sampled-token
+    # reverse KL, -sg(log pi_T(y) - log pi_S(y)) log pi_S(y). reverse_kl, forward_kl,
+    # jsd: full-distribution divergences from the teacher's top_k log-probs plus a tail
+    # bucket; forward_kl is SFT on the teacher's distribution in the student's states.
+    divergence: Literal["sampled", "reverse_kl", "forward_kl", "jsd"] = "sampled"
+    jsd_beta: float = Field(0.5, gt=0, lt=1)  # jsd: the mixture beta pi_T + (1 - beta) pi_S
+    # Teacher log-probs per token that the full divergences read (the service's limit).
+    top_k: int = Field(MAX_TOP_K, ge=1, le=MAX_TOP_K)
 
 
 class TrainConfig(Frozen):
@@ -178,6 +190,10 @@ class TrainConfig(Frozen):
     eval_at_start: bool = True  # false: no evaluation before the first step (a grid shares one)
     eval_splits: list[str] = ["valid_seen", "valid_unseen"]
     eval_tasks: int | None = None  # None: every task of each split
+    # At each evaluation, the student's search decisions (trainer/diagnostics.py): how
+    # often it says "not here" with the object in view or not, and the teacher's
+    # log-probs at up to this many decisions of each kind per split (0: no diagnostics).
+    diagnose_decisions: int = Field(64, ge=0)
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"

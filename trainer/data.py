@@ -21,7 +21,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from client.env import EnvClient
 from client.prompts import ChatRenderer, History, agent_response, label_word, parse_action
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from trainer.rollout import BatchedGenerator
 
 NOTHING_HAPPENS = "Nothing happens."
+ThoughtStyle = Literal["number", "decision"]
 
 
 @dataclass
@@ -68,6 +69,9 @@ class Trajectory:
     task_type: str
     steps: list[Step] = field(default_factory=list)
     won: bool = False
+    # How its search thoughts name a find (add_search_thoughts): "number" ("apple 1
+    # here") or "decision" ("apple here", the number only in the action).
+    thought_style: ThoughtStyle = "number"
 
 
 async def play_with_expert(
@@ -204,6 +208,7 @@ async def gather(
     policy: ModelPolicy | None = None,
     thoughts: bool = False,
     places: Sequence[str] = (),
+    thought_style: ThoughtStyle = "number",
 ) -> list[Trajectory]:
     """Play ``task_ids`` (see play_with_expert); ``thoughts``: add_search_thoughts to them."""
     trajectories = await play_many(
@@ -216,7 +221,7 @@ async def gather(
         progress,
     )
     if thoughts:
-        add_search_thoughts(trajectories)
+        add_search_thoughts(trajectories, thought_style)
     return trajectories
 
 
@@ -242,29 +247,44 @@ _CONTENTS = re.compile(r"(?:On the [^,]+|In it), you see (.*)$")
 _FOUND = re.compile(r"^(?:take (?P<take>.+?) (?P<n>\d+) from .+|use (?P<use>.+?) (?P<m>\d+))$")
 
 
-def add_search_thoughts(trajectories: list[Trajectory]) -> None:
+def views_in(observations: Sequence[str]) -> list[str | None]:
+    """The receptacle contents in view at each step (None: none), given each step's
+    observation: the newest ones listed, still in view after "Nothing happens."."""
+    views, view = [], None
+    for observation in observations:
+        if observation != NOTHING_HAPPENS:
+            contents = _CONTENTS.search(observation)
+            view = contents.group(1) if contents is not None else None
+        views.append(view)
+    return views
+
+
+def find_thought(sought: str, number: str, style: ThoughtStyle) -> str:
+    """The thought of a find: "apple 1 here" (style number) or "apple here" (decision)."""
+    return f"{sought} {number} here" if style == "number" else f"{sought} here"
+
+
+def add_search_thoughts(trajectories: list[Trajectory], style: ThoughtStyle = "number") -> None:
     """Give the expert's responses a thought wherever it searches: is the object here?
 
     At each step whose observation shows a receptacle's contents while the expert
     still looks for an object (its next "take" or "use" names it), the expert's
     response starts "Thought: apple 1 here" when it takes it now, else "Thought:
-    apple not here". Written before the action, the thought names the sought
-    object next to the contents it is checked against, so a small model decides
-    take-or-go by matching one name in view instead of recalling the task's.
-    After "Nothing happens." the contents seen last are still in view, and the
-    thought checks them again (the step after a failed take asks afresh whether
-    the object is there). Steps whose contents show the object without the expert
+    apple not here" (``style`` decision: "apple here", the number named by the
+    action alone, so the token after the name is the decision itself, " here" or
+    " not", and a wrong number is no alternative to it). Written before the action,
+    the thought names the sought object next to the contents it is checked against,
+    so a small model decides take-or-go by matching one name in view instead of
+    recalling the task's. After "Nothing happens." the contents seen last are still
+    in view, and the thought checks them again (the step after a failed take asks
+    afresh whether the object is there). Steps whose contents show the object without the expert
     taking it (it holds another) get none. Thoughts are known once an episode is
     over (from the expert's later finds); a model playing DAgger episodes reads its
     own turns as it wrote them instead (``Step.said``).
     """
     for trajectory in trajectories:
-        views, view = [], None  # the contents in view at each step
-        for step in trajectory.steps:
-            if step.observation != NOTHING_HAPPENS:
-                contents = _CONTENTS.search(step.observation)
-                view = contents.group(1) if contents is not None else None
-            views.append(view)
+        trajectory.thought_style = style
+        views = views_in([step.observation for step in trajectory.steps])
         sought = None  # the object of the expert's next find
         for step, view in zip(reversed(trajectory.steps), reversed(views), strict=True):
             found = _FOUND.match(step.expert_action or "")
@@ -274,16 +294,16 @@ def add_search_thoughts(trajectories: list[Trajectory]) -> None:
             if view is None or sought is None:
                 continue
             if found:
-                step.thought = f"{sought} {found['n'] or found['m']} here"
+                step.thought = find_thought(sought, found["n"] or found["m"], style)
             elif not re.search(rf"\b{re.escape(sought)} \d+", view):
                 step.thought = f"{sought} not here"
 
 
-# An expert's thought: "apple 1 here" or "apple not here".
-_THOUGHT = re.compile(r"^(?P<sought>.+?) (?:\d+|not) here$")
+# An expert's thought: "apple 1 here", "apple here" or "apple not here".
+_THOUGHT = re.compile(r"^(?P<sought>.+?) (?:\d+ |not )?here$")
 
 
-def slip_thought(step: Step) -> str | None:
+def slip_thought(step: Step, style: ThoughtStyle = "number") -> str | None:
     """The thought that a slip's own action implies where the expert had one.
 
     An agent that takes the wrong thing first thinks it is there ("apple 2 here"),
@@ -300,7 +320,7 @@ def slip_thought(step: Step) -> str | None:
         return f"{sought} not here"
     if (found["take"] or found["use"]) != sought:
         return None
-    return f"{sought} {found['n'] or found['m']} here"
+    return find_thought(sought, found["n"] or found["m"], style)
 
 
 def executed_turns(
@@ -323,7 +343,9 @@ def executed_turns(
                 else response_ids(
                     renderer,
                     s.action,
-                    s.thought if s.action == s.expert_action else slip_thought(s),
+                    s.thought
+                    if s.action == s.expert_action
+                    else slip_thought(s, trajectory.thought_style),
                 )
             ),
             feedback=s.feedback,

@@ -1,11 +1,14 @@
 """The losses of METHOD.md, symbol for symbol: standard multi-turn OPD and SAGE-OPD.
 
 Shapes: every tensor is flat over the batch's trained tokens (suffix _N), with
-``turn_N`` saying which turn each token belongs to; per-turn tensors have suffix _T.
+``turn_N`` saying which turn each token belongs to; per-turn tensors have suffix _T,
+distributions over the teacher's top-k (plus one tail bucket) _K.
 
     A_tj = sg( log pi_T(y) - log pi_S_old(y) )          teacher minus student (at sampling)
-    l_tj = - A_tj * log pi_S(y)                          sampled-token reverse KL
+    l_tj = - A_tj * log pi_S(y)                          sampled-token reverse KL (the paper's)
          = - min(r A, clip(r, 1-eps, 1+eps) A),  r = pi_S / pi_S_old   (PPO substeps)
+    l_tj = D( pi_S(. | ctx), pi_T(. | ctx) )             or a full-distribution divergence:
+                                                         reverse KL, forward KL, JSD(beta)
     L_OPD  = sum_tj l_tj / N_tok
     i_t    = 0 / alpha / 1 for Skip / Weak / Strong      turn-level intervention
     c_t    = sg( mean_j max_v pi_T(v | ctx) )            teacher confidence
@@ -13,32 +16,75 @@ Shapes: every tensor is flat over the batch's trained tokens (suffix _N), with
     L_SAGE = sum_tj s_t l_tj / sum_tj s_t                loss normalization
            = sum_tj s_t l_tj / N_tok                     (ablation: no normalization)
 
+Every loss is sum_tj w_tj l_tj with w_tj = s_t / sum s (or s_t / N_tok): token_weights
+gives w for a whole batch, token_losses gives l for any slice of it, so a batch is
+forwarded in pieces with exactly the loss multi_turn_loss computes in one go.
 The PPO form has the same gradient as -A log pi_S at r = 1 (the first substep).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Label = Literal["Skip", "Weak", "Strong"]
+# sampled: the paper's sampled-token reverse KL. reverse_kl / forward_kl / jsd: computed
+# from the teacher's top-k log-probs plus a tail bucket. nll: -log pi_S(y), imitation of
+# the sampled tokens (the off-policy SFT baseline, where another model sampled them).
+Divergence = Literal["sampled", "reverse_kl", "forward_kl", "jsd", "nll"]
+FULL_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
 
 @dataclass(frozen=True)
 class LossSwitches:
-    """Which parts of SAGE-OPD are on; all off is standard OPD."""
+    """Which parts of SAGE-OPD are on (all off is standard OPD), and the per-token loss."""
 
     intervention: bool = True  # i_t from the judge (off: i_t = 1)
     confidence: bool = True  # c_t from the teacher (off: c_t = 1)
     normalization: bool = True  # divide by sum s (off: by N_tok)
     alpha: float = 0.5  # i_t of a Weak turn
     ppo_clip: float = 0.2
+    divergence: Divergence = "sampled"
+    jsd_beta: float = 0.5  # JSD(beta): the mixture is beta pi_T + (1 - beta) pi_S
 
     @classmethod
-    def opd(cls) -> LossSwitches:
-        return cls(intervention=False, confidence=False, normalization=False)
+    def opd(cls, divergence: Divergence = "sampled", **kwargs: float) -> LossSwitches:
+        return cls(
+            intervention=False,
+            confidence=False,
+            normalization=False,
+            divergence=divergence,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class TokenTargets:
+    """What the loss compares the student with, for each trained token (flat, _N).
+
+    ``topk_ids_NK`` / ``topk_logprobs_NK``: the teacher's top-k ids and log-probs, needed
+    by the full-distribution divergences only."""
+
+    old_logprobs_N: torch.Tensor  # log pi_S_old(y), at sampling
+    teacher_logprobs_N: torch.Tensor  # log pi_T(y)
+    topk_ids_NK: torch.Tensor | None = None
+    topk_logprobs_NK: torch.Tensor | None = None
+
+    def slice(self, start: int, end: int) -> TokenTargets:
+        """The targets of tokens [start, end)."""
+        return self._map(lambda tensor: tensor[start:end])
+
+    def to(self, device: torch.device | str) -> TokenTargets:
+        return self._map(lambda tensor: tensor.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TokenTargets:
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return TokenTargets(*(None if tensor is None else fn(tensor) for tensor in values))
 
 
 def intervention(labels: list[Label], alpha: float) -> torch.Tensor:
@@ -52,29 +98,6 @@ def turn_confidence(teacher_top1_N: torch.Tensor, turn_N: torch.Tensor, turns: i
     sums_T = torch.zeros(turns).index_add_(0, turn_N, teacher_top1_N.float())
     counts_T = torch.zeros(turns).index_add_(0, turn_N, torch.ones_like(teacher_top1_N).float())
     return sums_T / counts_T.clamp(min=1)
-
-
-def token_loss(
-    student_logprobs_N: torch.Tensor,
-    old_logprobs_N: torch.Tensor,
-    teacher_logprobs_N: torch.Tensor,
-    ppo_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """l_tj and A_tj for every trained token (l carries the gradient)."""
-    advantage_N = (teacher_logprobs_N - old_logprobs_N).detach()
-    ratio_N = torch.exp(student_logprobs_N - old_logprobs_N.detach())
-    clipped_N = ratio_N.clamp(1 - ppo_clip, 1 + ppo_clip)
-    loss_N = -torch.minimum(ratio_N * advantage_N, clipped_N * advantage_N)
-    return loss_N, advantage_N
-
-
-@dataclass(frozen=True)
-class LossOutput:
-    loss: torch.Tensor
-    skipped: bool  # every turn had s_t = 0: no supervision, zero loss
-    advantage_mean: float
-    turn_scores: torch.Tensor  # s_t
-    mean_token_weight: float  # average of the weights applied per token (1.0 for OPD)
 
 
 def turn_scores(
@@ -104,6 +127,93 @@ def token_weights(s_T: torch.Tensor, turn_N: torch.Tensor, switches: LossSwitche
     return s_N / (total if switches.normalization else float(s_N.numel()))
 
 
+def sampled_token_loss(
+    student_logprobs_N: torch.Tensor, targets: TokenTargets, ppo_clip: float
+) -> torch.Tensor:
+    """l_tj of the sampled-token reverse KL, in its PPO-clipped form."""
+    advantage_N = (targets.teacher_logprobs_N - targets.old_logprobs_N).detach()
+    ratio_N = torch.exp(student_logprobs_N - targets.old_logprobs_N.detach())
+    clipped_N = ratio_N.clamp(1 - ppo_clip, 1 + ppo_clip)
+    return -torch.minimum(ratio_N * advantage_N, clipped_N * advantage_N)
+
+
+def with_tail(logprobs_NK: torch.Tensor) -> torch.Tensor:
+    """log-probs of the top-k, then one bucket holding the rest of the probability (_NK+1)."""
+    rest_N = (1 - logprobs_NK.exp().sum(1)).clamp(min=1e-8)
+    return torch.cat([logprobs_NK, rest_N.log()[:, None]], dim=1)
+
+
+def kl(p_logprobs_NK: torch.Tensor, q_logprobs_NK: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probs over the same buckets."""
+    return (p_logprobs_NK.exp() * (p_logprobs_NK - q_logprobs_NK)).sum(1)
+
+
+def full_divergence(
+    student_logprobs_NV: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    teacher_topk_logprobs_NK: torch.Tensor,
+    divergence: Divergence,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """D(pi_S, pi_T) per token over the teacher's top-k plus one tail bucket for each model.
+
+    reverse_kl: KL(pi_S || pi_T), mode-seeking (the exact form of what the sampled-token
+    loss estimates); forward_kl: KL(pi_T || pi_S), mass-covering, SFT on the teacher's
+    distribution in the student's own states; jsd: GKD's generalized Jensen-Shannon,
+    beta KL(pi_T || M) + (1 - beta) KL(pi_S || M) with M = beta pi_T + (1 - beta) pi_S.
+    """
+    student_NK = with_tail(student_logprobs_NV.gather(1, topk_ids_NK))
+    teacher_NK = with_tail(teacher_topk_logprobs_NK.float())
+    if divergence == "reverse_kl":
+        return kl(student_NK, teacher_NK)
+    if divergence == "forward_kl":
+        return kl(teacher_NK, student_NK)
+    if divergence == "jsd":
+        if not 0 < jsd_beta < 1:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+        mixture_NK = torch.logsumexp(
+            torch.stack([teacher_NK + math.log(jsd_beta), student_NK + math.log(1 - jsd_beta)]),
+            dim=0,
+        )
+        return jsd_beta * kl(teacher_NK, mixture_NK) + (1 - jsd_beta) * kl(student_NK, mixture_NK)
+    raise ValueError(f"{divergence!r} is not a full-distribution divergence")
+
+
+def token_losses(
+    student_logprobs_N: torch.Tensor,
+    targets: TokenTargets,
+    switches: LossSwitches,
+    student_logprobs_NV: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """l_tj for every trained token under ``switches.divergence``.
+
+    ``student_logprobs_NV`` (the student's log-probs over its whole vocabulary at each
+    trained token) is needed by the full-distribution divergences only."""
+    if switches.divergence == "sampled":
+        return sampled_token_loss(student_logprobs_N, targets, switches.ppo_clip)
+    if switches.divergence == "nll":
+        return -student_logprobs_N
+    if student_logprobs_NV is None or targets.topk_ids_NK is None:
+        raise ValueError(f"divergence {switches.divergence} needs the full log-probs and top-k")
+    assert targets.topk_logprobs_NK is not None
+    return full_divergence(
+        student_logprobs_NV,
+        targets.topk_ids_NK.to(student_logprobs_NV.device),
+        targets.topk_logprobs_NK.to(student_logprobs_NV.device),
+        switches.divergence,
+        switches.jsd_beta,
+    )
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: torch.Tensor
+    skipped: bool  # every turn had s_t = 0: no supervision, zero loss
+    kl_estimate: float  # mean of log pi_S_old(y) - log pi_T(y): the sampled reverse KL
+    turn_scores: torch.Tensor  # s_t
+    mean_token_weight: float  # average of the weights applied per token (1.0 for OPD)
+
+
 def multi_turn_loss(
     student_logprobs_N: torch.Tensor,
     old_logprobs_N: torch.Tensor,
@@ -112,39 +222,28 @@ def multi_turn_loss(
     turn_N: torch.Tensor,
     labels: list[Label],
     switches: LossSwitches,
+    student_logprobs_NV: torch.Tensor | None = None,
+    topk_ids_NK: torch.Tensor | None = None,
+    topk_logprobs_NK: torch.Tensor | None = None,
 ) -> LossOutput:
-    """OPD or SAGE-OPD over one batch of turns (OPD: LossSwitches.opd())."""
-    loss_N, advantage_N = token_loss(
-        student_logprobs_N, old_logprobs_N, teacher_logprobs_N, switches.ppo_clip
-    )
+    """OPD or SAGE-OPD over one batch of turns (OPD: LossSwitches.opd()): sum_tj w_tj l_tj."""
+    targets = TokenTargets(old_logprobs_N, teacher_logprobs_N, topk_ids_NK, topk_logprobs_NK)
     s_T = turn_scores(teacher_top1_N, turn_N, labels, switches)
-    w_N = token_weights(s_T, turn_N, switches).to(loss_N.dtype)
-    n_tok = loss_N.numel()
+    w_N = token_weights(s_T, turn_N, switches)
+    l_N = token_losses(student_logprobs_N, targets, switches, student_logprobs_NV)
+    n_tok = len(turn_N)
     # A batch with no supervised turn keeps the graph with a zero loss.
-    loss = (w_N * loss_N).sum()
     return LossOutput(
-        loss=loss,
+        loss=(w_N.to(l_N.dtype) * l_N).sum(),
         skipped=bool(w_N.sum() == 0),
-        advantage_mean=float(advantage_N.mean()) if n_tok else 0.0,
+        kl_estimate=kl_estimate(old_logprobs_N, teacher_logprobs_N),
         turn_scores=s_T,
         mean_token_weight=float(w_N.sum()) if n_tok else 0.0,
     )
 
 
-def topk_reverse_kl(
-    student_logits_NV: torch.Tensor,
-    teacher_topk_ids_NK: torch.Tensor,
-    teacher_topk_logprobs_NK: torch.Tensor,
-) -> torch.Tensor:
-    """Per token: reverse KL(pi_S || pi_T) over the teacher's top-k plus one tail bucket.
-
-    The tail holds all probability outside the top-k, for each model. (Ours: the
-    top-k variant of METHOD.md.)
-    """
-    student_logprobs_NV = torch.log_softmax(student_logits_NV.float(), dim=-1)
-    student_k_NK = student_logprobs_NV.gather(1, teacher_topk_ids_NK)
-    teacher_k_NK = teacher_topk_logprobs_NK.float()
-    tail_s_N = torch.log1p(-student_k_NK.exp().sum(1).clamp(max=1 - 1e-6))
-    tail_t_N = torch.log1p(-teacher_k_NK.exp().sum(1).clamp(max=1 - 1e-6))
-    kl_N = (student_k_NK.exp() * (student_k_NK - teacher_k_NK)).sum(1)
-    return kl_N + tail_s_N.exp() * (tail_s_N - tail_t_N)
+def kl_estimate(old_logprobs_N: torch.Tensor, teacher_logprobs_N: torch.Tensor) -> float:
+    """The per-token reverse KL on the student's own samples: mean(log pi_S_old - log pi_T)."""
+    if len(old_logprobs_N) == 0:
+        return 0.0
+    return float((old_logprobs_N - teacher_logprobs_N).mean())

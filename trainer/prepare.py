@@ -36,6 +36,7 @@ from client.protocol import LABELS, Label
 from trainer.config import PrepareConfig, SFTConfig, TrainConfig
 from trainer.data import (
     ModelPolicy,
+    ThoughtStyle,
     Trajectory,
     agent_sequences,
     corpus,
@@ -44,9 +45,9 @@ from trainer.data import (
     judge_sequences,
     places_of,
 )
-from trainer.evaluate import EvalResult, summarize, teacher_forced
+from trainer.evaluate import summarize, teacher_forced
 from trainer.models import build_llama, fit_tokenizer, save_model
-from trainer.rollout import BatchedGenerator, run_episodes
+from trainer.rollout import BatchedGenerator, EpisodeRecord, run_episodes
 from trainer.sft import Example, batch_logits, collate, sft
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ async def task_count(env: EnvClient, env_name: str, split: str, limit: int | Non
     return size if limit is None else min(limit, size)
 
 
-async def evaluate_model(
+async def play_greedy(
     model: Any,
     tokenizer: Any,
     env_url: str,
@@ -112,13 +113,13 @@ async def evaluate_model(
     progress: bool = True,
     env_name: str = "household",
     show_admissible: bool = True,
-) -> EvalResult:
-    """Greedy success of ``model`` on ``split`` (all tasks, or the first ``limit``)."""
+) -> list[EpisodeRecord]:
+    """``model``'s greedy episodes on ``split`` (all tasks, or the first ``limit``)."""
     renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
     async with EnvClient(env_url, max_connections=64) as env:
         count = await task_count(env, env_name, split, limit)
         async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
-            episodes = await run_episodes(
+            return await run_episodes(
                 env,
                 generator,
                 renderer,
@@ -130,7 +131,6 @@ async def evaluate_model(
                 env_name=env_name,
                 progress=progress,
             )
-    return summarize(split, episodes)
 
 
 def judge_agreement(
@@ -229,7 +229,13 @@ def prepare(
             summary["dagger"] = _dagger_summary(trajectories["dagger"], dagger_log)
         # A prepared model also records whether it was taught to think while searching
         # (the expert episodes of `eval --teacher-forced` then carry the same thoughts).
-        agent = json.dumps({**agent_info(config), "thoughts": config.thoughts})
+        agent = json.dumps(
+            {
+                **agent_info(config),
+                "thoughts": config.thoughts,
+                "thought_style": config.thought_style,
+            }
+        )
         save_model(teacher, tokenizer, building / "teacher")
         (building / "teacher" / AGENT_FILE).write_text(agent)
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
@@ -262,13 +268,14 @@ def prepare(
                     config.max_turns,
                     config.env,
                     config.thoughts,
+                    config.thought_style,
                 )
             )
             for name, model in (("teacher", teacher), ("student", student)):
                 forced = teacher_forced(model, renderer, experts, config.history)
                 summary[name]["valid_unseen_forced"] = asdict(forced)
-                result = asyncio.run(
-                    evaluate_model(
+                played = asyncio.run(
+                    play_greedy(
                         model,
                         tokenizer,
                         url,
@@ -280,7 +287,7 @@ def prepare(
                         show_admissible=config.show_admissible,
                     )
                 )
-                summary[name]["valid_unseen"] = result.as_dict()
+                summary[name]["valid_unseen"] = summarize("valid_unseen", played).as_dict()
             timings["eval_s"] = time.perf_counter() - start
     summary["timings"] = timings
     (building / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -378,6 +385,7 @@ async def _play_own(
             env_name=config.env,
             policy=ModelPolicy(generator, renderer, config.history),
             thoughts=config.thoughts,
+            thought_style=config.thought_style,
         )
 
 
@@ -398,12 +406,22 @@ async def expert_episodes(
     max_turns: int,
     env_name: str = "household",
     thoughts: bool = False,
+    thought_style: ThoughtStyle = "number",
 ) -> list[Trajectory]:
     """The expert's own episodes on ``split`` (all tasks, or the first ``limit``)."""
     async with EnvClient(env_url, max_connections=64) as env:
         ids = list(range(await task_count(env, env_name, split, limit)))
         return await gather(
-            env, ids, 0.0, 0, split, max_turns, progress=False, env_name=env_name, thoughts=thoughts
+            env,
+            ids,
+            0.0,
+            0,
+            split,
+            max_turns,
+            progress=False,
+            env_name=env_name,
+            thoughts=thoughts,
+            thought_style=thought_style,
         )
 
 
@@ -438,6 +456,7 @@ async def _gather_all(
                 env_name=config.env,
                 near_miss=config.data.near_miss,
                 thoughts=config.thoughts,
+                thought_style=config.thought_style,
                 places=places,
             )
             if name == "expert" and config.data.near_miss_places:

@@ -19,8 +19,9 @@ from typing import Any
 
 from trainer.experiment import DONE_FILE
 
-SPLITS = ("valid_seen", "valid_unseen")
+SPLITS = ("valid_seen", "valid_unseen")  # in this order where a run evaluated them
 BASELINE, PROPOSED = "opd", "sage"  # the relative-improvement line compares these
+WARM_START = "warm-start"  # the untrained student: the level every method must beat
 RECORDS_FILE = "runs.jsonl"
 
 
@@ -35,7 +36,7 @@ class Run:
 
     @property
     def evaluations(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if f"eval_{SPLITS[-1]}_success" in r]
+        return [r for r in self.rows if any(f"eval_{s}_success" in r for s in SPLITS)]
 
     @property
     def final(self) -> dict[str, Any]:
@@ -44,6 +45,11 @@ class Run:
     def mean_over_steps(self, key: str) -> float | None:
         values = [r[key] for r in self.rows if r["step"] > 0 and key in r]
         return statistics.fmean(values) if values else None
+
+
+def splits_of(runs: list[Run]) -> list[str]:
+    """The evaluated splits, in SPLITS' order; the last is the headline."""
+    return [s for s in SPLITS if any(f"eval_{s}_success" in r for run in runs for r in run.rows)]
 
 
 def load_run(folder: Path) -> Run:
@@ -117,20 +123,26 @@ def _pm(values: list[float], percent: bool = True, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def relative_improvement(groups: dict[str, list[Run]]) -> str:
-    """SAGE-OPD over OPD on valid_unseen, paired by seed: (sage - opd) / opd."""
+def paired(groups: dict[str, list[Run]], a: str, b: str, key: str) -> dict[int, float]:
+    """``key`` at the final evaluation, method ``a`` minus method ``b``, per shared seed."""
+    first = {r.seed: r.final[key] for r in groups[a] if key in r.final}
+    second = {r.seed: r.final[key] for r in groups[b] if key in r.final}
+    return {seed: first[seed] - second[seed] for seed in sorted(set(first) & set(second))}
+
+
+def relative_improvement(groups: dict[str, list[Run]], split: str) -> str:
+    """SAGE-OPD over OPD on ``split``, paired by seed: (sage - opd) / opd."""
     if BASELINE not in groups or PROPOSED not in groups:
         return f"Relative improvement: needs runs of both {BASELINE!r} and {PROPOSED!r}."
-    key = "eval_valid_unseen_success"
-    opd = {r.seed: r.final[key] for r in groups[BASELINE]}
-    sage = {r.seed: r.final[key] for r in groups[PROPOSED]}
-    seeds = sorted(set(opd) & set(sage))
-    differences = [sage[s] - opd[s] for s in seeds]
+    key = f"eval_{split}_success"
+    differences = paired(groups, PROPOSED, BASELINE, key)
+    seeds = list(differences)
     line = (
-        f"SAGE-OPD minus OPD on valid_unseen success: {_pm(differences)} points "
+        f"SAGE-OPD minus OPD on {split} success: {_pm(list(differences.values()))} points "
         f"(paired over seeds {seeds})"
     )
-    ratios = [(sage[s] - opd[s]) / opd[s] for s in seeds if opd[s] > 0]
+    opd = {r.seed: r.final[key] for r in groups[BASELINE]}
+    ratios = [differences[s] / opd[s] for s in seeds if opd[s] > 0]
     if len(ratios) == len(seeds) and seeds:
         line += f"; relative improvement {_pm(ratios)}%"
     else:
@@ -138,14 +150,45 @@ def relative_improvement(groups: dict[str, list[Run]]) -> str:
     return line + "."
 
 
-def table(groups: dict[str, list[Run]]) -> str:
-    """The markdown table: one row per method, mean ± std over its seeds."""
+def effects(groups: dict[str, list[Run]], split: str) -> list[str]:
+    """What each part of SAGE-OPD adds on ``split``: SAGE-OPD minus each of its ablations
+    (methods named sage-no-*), and minus OPD under each other divergence (sage-X vs opd-X),
+    paired by seed."""
+    key = f"eval_{split}_success"
+    lines = []
+    for method in groups:
+        if method.startswith(f"{PROPOSED}-no-"):
+            part = method.removeprefix(f"{PROPOSED}-no-")
+            values = list(paired(groups, PROPOSED, method, key).values())
+            lines.append(f"- {part}: SAGE-OPD minus `{method}`: {_pm(values)} points")
+        suffix = method.removeprefix(f"{PROPOSED}-")
+        if method.startswith(f"{PROPOSED}-") and f"{BASELINE}-{suffix}" in groups:
+            values = list(paired(groups, method, f"{BASELINE}-{suffix}", key).values())
+            lines.append(
+                f"- under {suffix}: `{method}` minus `{BASELINE}-{suffix}`: {_pm(values)} points"
+            )
+    if not lines:
+        return []
+    return [f"Effects on {split} success (paired by seed, mean ± std):", *lines]
+
+
+def table(groups: dict[str, list[Run]], splits: list[str]) -> str:
+    """The markdown table: one row per method, mean ± std over its seeds.
+
+    "vs warm start": the final success on the first split minus the warm start's (the
+    untrained student), per seed: a method has improved the student where its mean is
+    above 0 by more than its spread."""
+    headline, first = splits[-1], splits[0]
+    short = headline.removeprefix("valid_")
     header = (
-        "| method | seeds | valid_seen success % | valid_unseen success % "
-        "| unseen repeated % | unseen invalid % | Skip % | Weak % | Strong % "
-        "| teacher tokens (M) | time (min) |"
+        "| method | seeds | "
+        + " | ".join(f"{s} success %" for s in splits)
+        + f" | {first} vs warm start (points) | {short} repeated % | {short} invalid % "
+        "| Skip % | Weak % | Strong % | teacher tokens (M) | time (min) |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    warm = groups.get(WARM_START)
+    start = statistics.fmean(r.final[f"eval_{first}_success"] for r in warm) if warm else None
     for method, runs in groups.items():
 
         def labels(name: str, runs: list[Run] = runs) -> str:
@@ -153,13 +196,14 @@ def table(groups: dict[str, list[Run]]) -> str:
             return _pm(values)
 
         finals = [r.final for r in runs]
+        gains = [] if start is None else [f[f"eval_{first}_success"] - start for f in finals]
         cells = [
             method,
             ",".join(str(r.seed) for r in runs),
-            _pm([f["eval_valid_seen_success"] for f in finals]),
-            _pm([f["eval_valid_unseen_success"] for f in finals]),
-            _pm([f["eval_valid_unseen_repeated_rate"] for f in finals]),
-            _pm([f["eval_valid_unseen_invalid_rate"] for f in finals]),
+            *(_pm([f[f"eval_{s}_success"] for f in finals]) for s in splits),
+            _pm(gains),
+            _pm([f[f"eval_{headline}_repeated_rate"] for f in finals]),
+            _pm([f[f"eval_{headline}_invalid_rate"] for f in finals]),
             labels("label_skip"),
             labels("label_weak"),
             labels("label_strong"),
@@ -170,18 +214,55 @@ def table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(groups: dict[str, list[Run]]) -> str:
-    steps = sorted({r.final["step"] for runs in groups.values() for r in runs})
-    return "\n\n".join(
-        [
-            table(groups),
-            relative_improvement(groups),
-            f"Final evaluation at step(s) {steps}; greedy; label fractions and teacher tokens "
-            "over the training steps (Skip / Weak / Strong are read only by SAGE-OPD with "
-            "intervention; the other methods count every turn Strong). Time: the run's "
-            "rollouts, training and evaluation as the trainer timed them.",
-        ]
+def diagnostics_table(groups: dict[str, list[Run]], split: str) -> str:
+    """The student's search decisions at the final evaluation (trainer/diagnostics.py)."""
+    prefix = f"diag_{split}"
+    header = (
+        "| method | decisions in view | says not % (in view) | says not % (not in view) "
+        "| teacher log-prob in view: right | wrong | not |"
     )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for method, runs in groups.items():
+        finals = [r.final for r in runs]
+
+        def cell(key: str, percent: bool = True, digits: int = 1, finals: list = finals) -> str:
+            values = [f[f"{prefix}_{key}"] for f in finals if f"{prefix}_{key}" in f]
+            return _pm(values, percent, digits)
+
+        cells = [
+            method,
+            cell("in_view_decisions", False, 0),
+            cell("in_view_says_not"),
+            cell("not_in_view_says_not"),
+            *(cell(f"in_view_teacher_lp_{a}", False, 2) for a in ("right", "wrong", "not")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(groups: dict[str, list[Run]]) -> str:
+    runs = [run for group in groups.values() for run in group]
+    splits = splits_of(runs)
+    headline = splits[-1]
+    steps = sorted({r.final["step"] for r in runs})
+    parts = [
+        table(groups, splits),
+        relative_improvement(groups, headline),
+        "\n".join(effects(groups, headline)),
+        f"Final evaluation at step(s) {steps}; greedy; label fractions and teacher tokens "
+        "over the training steps (Skip / Weak / Strong are read only by SAGE-OPD with "
+        "intervention; the other methods count every turn Strong). Time: the run's "
+        "rollouts, training and evaluation as the trainer timed them.",
+    ]
+    if any(f"diag_{headline}_in_view_decisions" in r.final for r in runs):
+        parts += [
+            f"Search decisions on {headline} at the final evaluation (the turns whose "
+            "thought says whether the sought object is in view; the teacher's mean "
+            "log-prob, at the decision token, of the number in view, a wrong number and "
+            '" not"):',
+            diagnostics_table(groups, headline),
+        ]
+    return "\n\n".join(part for part in parts if part)
 
 
 def _curve(
@@ -210,8 +291,10 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), sharey=True)
-    for axis, split in zip(axes, SPLITS, strict=True):
+    splits = splits_of([run for group in groups.values() for run in group])
+    figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), sharey=True)
+    axes = list(axes) if len(splits) > 1 else [axes]
+    for axis, split in zip(axes, splits, strict=True):
         for method, runs in groups.items():
             xs, mean, low, high = _curve(runs, x_key, f"eval_{split}_{metric}")
             if len(xs) == 1:  # no training (e.g. the warm start): a level line
@@ -232,6 +315,42 @@ def plot(
     axes[0].set_ylim(0, max(10.0, min(100.0, 1.1 * top)))  # all-zero curves: no 1e-17 scale
     axes[0].set_ylabel(f"{ylabel} (greedy; band: min-max over seeds)")
     axes[-1].legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_training(groups: dict[str, list[Run]], key: str, ylabel: str, path: Path) -> Path | None:
+    """A training metric (e.g. kl_estimate) against the step: a line per method that
+    logged it, a band over seeds. None when no run logged it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for method, runs in groups.items():
+        points = [
+            {r["step"]: r[key] for r in run.rows if r["step"] > 0 and key in r} for run in runs
+        ]
+        steps = sorted(set.intersection(*(set(p) for p in points)))
+        if not steps:
+            continue
+        values = [[p[s] for p in points] for s in steps]
+        (line,) = axis.plot(steps, [statistics.fmean(v) for v in values], label=method)
+        low, high = [min(v) for v in values], [max(v) for v in values]
+        axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+        drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    axis.set_xlabel("training step")
+    axis.set_ylabel(f"{ylabel} (band: min-max over seeds)", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -266,4 +385,5 @@ def write_report(paths: list[Path], out: Path) -> Path:
     for metric in ("invalid_rate", "repeated_rate"):
         label = metric.replace("_rate", " actions %")
         plot(groups, "step", "training step", out / f"{metric}_vs_steps.png", metric, label)
+    plot_training(groups, "kl_estimate", "KL on own samples", out / "kl_vs_steps.png")
     return out / "table.md"

@@ -7,9 +7,10 @@ thread, so env calls and teacher calls of other episodes go on meanwhile. An
 episode's prompt grows by one response and one observation a turn, so the
 generator keeps each episode's KV cache between its turns and forwards only the
 new tokens: with the whole history in context, the prefill of a turn costs its own
-tokens, not the episode's. Each turn records the sampled token ids and
-their log-probs under the sampling model at temperature 1 (what the trainer
-recomputes), the action parsed from them, and what the environment answered.
+tokens, not the episode's. Each turn records the sampled token ids and their
+log-probs under the distribution they were sampled from, softmax(logits / T) (what
+the trainer recomputes), the action parsed from them, and what the environment
+answered.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from trainer.baselines import play_many
 @dataclass(frozen=True)
 class Sample:
     token_ids: list[int]
-    logprobs: list[float]  # log pi(token | prefix) at temperature 1, per token
+    logprobs: list[float]  # log pi(token | prefix) at the sampling temperature, per token
 
 
 @dataclass
@@ -241,12 +242,13 @@ class BatchedGenerator:
         forwarded = 0  # sampled tokens that went through the model (are in the cache)
         while True:
             logits_BV = output.logits[:, -1].float().cpu()
-            # Log-probs at temperature 1: the policy the loss differentiates.
-            logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+            # Log-probs of the policy that samples, softmax(logits / T): what the trainer
+            # recomputes and differentiates (greedy decoding records those at T = 1).
             if self.temperature > 0:
-                probs_BV = torch.softmax(logits_BV / self.temperature, dim=-1)
-                token_B = torch.multinomial(probs_BV, 1, generator=self.generator)[:, 0]
+                logprobs_BV = torch.log_softmax(logits_BV / self.temperature, dim=-1)
+                token_B = torch.multinomial(logprobs_BV.exp(), 1, generator=self.generator)[:, 0]
             else:
+                logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
                 token_B = logits_BV.argmax(dim=-1)
             for b, token in enumerate(token_B.tolist()):
                 if not finished[b]:

@@ -22,7 +22,6 @@ stops with TeacherVocabularyChanged (the scores could not be read any more).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import logging
@@ -53,9 +52,18 @@ from client.teacher import TeacherClient
 from trainer.baselines import play_many
 from trainer.config import LossConfig, TrainConfig
 from trainer.data import NOTHING_HAPPENS
+from trainer.diagnostics import decision_stats
 from trainer.evaluate import summarize
-from trainer.losses import LossSwitches, token_loss, token_weights, topk_reverse_kl, turn_scores
-from trainer.prepare import AGENT_FILE, agent_info, evaluate_model, read_agent_info
+from trainer.losses import (
+    FULL_DIVERGENCES,
+    LossSwitches,
+    TokenTargets,
+    kl_estimate,
+    token_losses,
+    token_weights,
+    turn_scores,
+)
+from trainer.prepare import AGENT_FILE, agent_info, play_greedy, read_agent_info
 from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord, run_episode
 from trainer.sft import Example, batch_logits, collate, make_optimizer, warmup_cosine
 
@@ -94,15 +102,24 @@ def forced_label(turn: TurnRecord, repeated_is_strong: bool) -> bool:
 
 
 def switches_of(loss: LossConfig) -> LossSwitches:
-    if loss.kind in ("opd", "sft"):  # sft: every imitated token weighs 1 / N_tok
-        return dataclasses.replace(LossSwitches.opd(), ppo_clip=loss.ppo_clip)
+    """The loss of a config: OPD (every SAGE part off), SAGE-OPD, or imitation (sft)."""
+    if loss.kind == "sft":  # every imitated token weighs 1 / N_tok
+        return LossSwitches.opd(divergence="nll")
+    common = {"ppo_clip": loss.ppo_clip, "divergence": loss.divergence, "jsd_beta": loss.jsd_beta}
+    if loss.kind == "opd":
+        return LossSwitches.opd(**common)
     return LossSwitches(
         intervention=loss.intervention,
         confidence=loss.confidence,
         normalization=loss.normalization,
         alpha=loss.alpha,
-        ppo_clip=loss.ppo_clip,
+        **common,
     )
+
+
+def wants_top_k(loss: LossConfig) -> int:
+    """How many teacher log-probs per token the loss reads (0: only the sampled token's)."""
+    return loss.top_k if loss.kind != "sft" and loss.divergence in FULL_DIVERGENCES else 0
 
 
 class Supervisor:
@@ -152,7 +169,7 @@ class Supervisor:
                 record.task,
                 self.wire_turns(record),
                 judge=self.judge,
-                top_k=self.config.loss.top_k,
+                top_k=wants_top_k(self.config.loss),
                 history=self.config.history,
             )
         except ServiceCallError:
@@ -169,7 +186,7 @@ class Supervisor:
             verdict = scored.verdict.label if scored.verdict is not None else "Strong"
             labels.append("Strong" if force else verdict)
             forced.append(force)
-        top_k = self.config.loss.top_k > 0
+        top_k = wants_top_k(self.config.loss) > 0
         return SupervisedEpisode(
             record=record,
             labels=labels,
@@ -191,20 +208,22 @@ class Batch:
     """The step's trained tokens, flat (suffix _N), and the contexts that hold them."""
 
     contexts: list[Example]  # each context's trained spans, in token order
-    old_logprobs_N: torch.Tensor
-    teacher_logprobs_N: torch.Tensor
+    targets: TokenTargets
     teacher_top1_N: torch.Tensor
     turn_N: torch.Tensor
     labels: list[Label]
-    topk_ids_NK: list[list[int]] | None
-    topk_logprobs_NK: list[list[float]] | None
 
 
 def build_batch(
     renderer: ChatRenderer, episodes: list[SupervisedEpisode], config: TrainConfig
 ) -> Batch:
+    """Every episode's contexts and, per trained token, what the loss reads.
+
+    The teacher's top-k (full divergences only) is cut to the first ``loss.top_k``
+    entries of each token: the answer may append the sampled token's own entry."""
     contexts, old, teacher, top1, turn_index = [], [], [], [], []
     labels: list[Label] = []
+    top_k = wants_top_k(config.loss)
     topk_ids: list[list[int]] = []
     topk_logprobs: list[list[float]] = []
     for episode in episodes:
@@ -218,20 +237,22 @@ def build_batch(
                 teacher.extend(episode.teacher_logprobs[t])
                 top1.extend(episode.teacher_top1[t])
                 turn_index.extend([offset + t] * (end - start))
-                if episode.topk_ids is not None and episode.topk_logprobs is not None:
-                    topk_ids.extend(episode.topk_ids[t])
-                    topk_logprobs.extend(episode.topk_logprobs[t])
+                if top_k:
+                    assert episode.topk_ids is not None and episode.topk_logprobs is not None
+                    topk_ids.extend(row[:top_k] for row in episode.topk_ids[t])
+                    topk_logprobs.extend(row[:top_k] for row in episode.topk_logprobs[t])
             contexts.append(Example(context.input_ids, context.spans))
-    top_k = config.loss.top_k > 0
     return Batch(
         contexts=contexts,
-        old_logprobs_N=torch.tensor(old, dtype=torch.float32),
-        teacher_logprobs_N=torch.tensor(teacher, dtype=torch.float32),
+        targets=TokenTargets(
+            old_logprobs_N=torch.tensor(old, dtype=torch.float32),
+            teacher_logprobs_N=torch.tensor(teacher, dtype=torch.float32),
+            topk_ids_NK=torch.tensor(topk_ids, dtype=torch.long) if top_k else None,
+            topk_logprobs_NK=torch.tensor(topk_logprobs, dtype=torch.float32) if top_k else None,
+        ),
         teacher_top1_N=torch.tensor(top1, dtype=torch.float32),
         turn_N=torch.tensor(turn_index, dtype=torch.long),
         labels=labels,
-        topk_ids_NK=topk_ids if top_k else None,
-        topk_logprobs_NK=topk_logprobs if top_k else None,
     )
 
 
@@ -250,9 +271,12 @@ def _pieces(batch: Batch) -> list[list[int]]:
 
 
 def student_token_outputs(
-    model: Any, contexts: list[Example], pad_id: int, want_logits: bool
+    model: Any, contexts: list[Example], pad_id: int, temperature: float, full: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi_S of each trained token (and its logits), in the batch's flat token order."""
+    """log pi_S of each trained token, in the batch's flat token order (and, with ``full``,
+    the log-probs over the whole vocabulary there), at the sampling ``temperature``:
+    the policy that sampled the tokens is softmax(logits / T), so at T != 1 the update
+    stays on-policy only if the student is differentiated in that form."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(contexts, pad_id).items()}
     logits_BLV = batch_logits(model, batch)
@@ -263,9 +287,12 @@ def student_token_outputs(
             cols.extend(range(start - 1, end - 1))  # the logits that predict each token
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     logits_NV = logits_BLV[rows_t, cols_t].float()
+    if temperature > 0:
+        logits_NV = logits_NV / temperature
     targets_N = batch["input_ids"][rows_t, cols_t + 1]
-    logprobs_N = torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N[:, None])[:, 0]
-    return logprobs_N.cpu(), (logits_NV if want_logits else None)
+    logprobs_NV = torch.log_softmax(logits_NV, dim=-1)
+    logprobs_N = logprobs_NV.gather(1, targets_N[:, None])[:, 0]
+    return logprobs_N, (logprobs_NV if full else None)
 
 
 def train_on_batch(
@@ -276,19 +303,23 @@ def train_on_batch(
     config: TrainConfig,
     pad_id: int,
 ) -> dict[str, float]:
-    """``loss.substeps`` optimizer steps on the batch; returns the step's loss metrics."""
+    """``loss.substeps`` optimizer steps on the batch; returns the step's loss metrics.
+
+    The loss is trainer/losses.py's multi_turn_loss, sum_tj w_tj l_tj: the weights come
+    from the whole batch once, the token losses from each piece that is forwarded."""
     switches = switches_of(config.loss)
     s_T = turn_scores(batch.teacher_top1_N, batch.turn_N, batch.labels, switches)
     w_N = token_weights(s_T, batch.turn_N, switches)
     skipped = bool(w_N.sum() == 0)
+    targets = batch.targets
     metrics: dict[str, float] = {
         "tokens": float(len(batch.turn_N)),
         "skipped": float(skipped),
-        "advantage_mean": float((batch.teacher_logprobs_N - batch.old_logprobs_N).mean()),
-        "kl_estimate": float((batch.old_logprobs_N - batch.teacher_logprobs_N).mean()),
         "mean_turn_score": float(s_T.mean()) if len(s_T) else 0.0,
         "mean_token_weight": float(w_N.sum()),
     }
+    if switches.divergence != "nll":  # imitation has no teacher to compare with
+        metrics["kl_estimate"] = kl_estimate(targets.old_logprobs_N, targets.teacher_logprobs_N)
     if skipped:  # no turn is supervised: nothing to learn, never a NaN
         metrics.update(loss=0.0, grad_norm=0.0)
         return metrics
@@ -296,33 +327,18 @@ def train_on_batch(
     trained = (sum(end - start for start, end in c.spans) for c in batch.contexts)
     bounds = list(itertools.accumulate(trained, initial=0))
     device = next(model.parameters()).device
+    full = switches.divergence in FULL_DIVERGENCES
     for _ in range(config.loss.substeps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for piece in _pieces(batch):
             start, end = bounds[piece[0]], bounds[piece[-1] + 1]
-            logprobs_N, logits_NV = student_token_outputs(
-                model, [batch.contexts[i] for i in piece], pad_id, config.loss.top_k > 0
+            logprobs_N, logprobs_NV = student_token_outputs(
+                model, [batch.contexts[i] for i in piece], pad_id, config.temperature, full
             )
-            if config.loss.top_k > 0:
-                assert batch.topk_ids_NK is not None and batch.topk_logprobs_NK is not None
-                assert logits_NV is not None
-                k = min(len(ids) for ids in batch.topk_ids_NK[start:end])
-                ids = torch.tensor([row[:k] for row in batch.topk_ids_NK[start:end]], device=device)
-                lps = torch.tensor(
-                    [row[:k] for row in batch.topk_logprobs_NK[start:end]], device=device
-                )
-                loss_N = topk_reverse_kl(logits_NV, ids, lps).cpu()
-            elif config.loss.kind == "sft":
-                loss_N = -logprobs_N
-            else:
-                loss_N, _ = token_loss(
-                    logprobs_N,
-                    batch.old_logprobs_N[start:end],
-                    batch.teacher_logprobs_N[start:end],
-                    switches.ppo_clip,
-                )
-            piece_loss = (w_N[start:end] * loss_N).sum()
+            piece_targets = targets.slice(start, end).to(device)
+            l_N = token_losses(logprobs_N, piece_targets, switches, logprobs_NV)
+            piece_loss = (w_N[start:end].to(device) * l_N).sum()
             piece_loss.backward()
             total += piece_loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -544,24 +560,38 @@ class Trainer:
             tokens_forwarded=sum(len(context.input_ids) for context in played),
         )
 
-    async def evaluate(self, env_url: str) -> dict[str, float]:
+    async def evaluate(self, env_url: str, teacher: TeacherClient | None) -> dict[str, float]:
+        """Greedy success on each eval split, and the student's search decisions there
+        (trainer/diagnostics.py; the teacher's log-probs at them when ``teacher``)."""
+        config = self.config
         out: dict[str, float] = {}
         self.model.eval()
-        for split in self.config.eval_splits:
-            result = await evaluate_model(
+        for split in config.eval_splits:
+            episodes = await play_greedy(
                 self.model,
                 self.tokenizer,
                 env_url,
                 split,
-                self.config.history,
-                self.config.max_turns,
-                self.config.eval_tasks,
+                config.history,
+                config.max_turns,
+                config.eval_tasks,
                 progress=False,
-                env_name=self.config.env,
-                show_admissible=self.config.show_admissible,
+                env_name=config.env,
+                show_admissible=config.show_admissible,
             )
+            result = summarize(split, episodes)
             for key in ("success", "avg_turns", "invalid_rate", "repeated_rate"):
                 out[f"eval_{split}_{key}"] = float(getattr(result, key))
+            if config.diagnose_decisions > 0:
+                stats = await decision_stats(
+                    episodes,
+                    self.renderer,
+                    teacher,
+                    config.history,
+                    self.agent.get("thought_style", "number"),
+                    config.diagnose_decisions,
+                )
+                out.update(stats.as_metrics(f"diag_{split}"))
         return out
 
     async def run(
@@ -577,12 +607,13 @@ class Trainer:
                 for url in (config.teacher_urls if config.loss.kind != "sft" else [])
             ]
             supervisor = Supervisor(teachers, config, fingerprint_of(self.tokenizer))
+            diagnosing = teachers[0] if teachers else None  # scores the eval decisions
             for index in range(len(teachers)):  # before the first step: same vocabulary?
                 await supervisor.check(index)
             split_size = await env.split_size(config.env, config.train_split)
             if self.step == 0 and (config.eval_at_start or config.steps == 0):
                 eval_start = time.perf_counter()
-                first = {"step": 0, **await self.evaluate(config.env_url)}
+                first = {"step": 0, **await self.evaluate(config.env_url, diagnosing)}
                 first["time_eval_s"] = time.perf_counter() - eval_start
                 self.log_metrics(first)
                 logged.append(first)
@@ -640,7 +671,7 @@ class Trainer:
                 last = step == config.steps
                 if last or (config.eval_every and step % config.eval_every == 0):
                     eval_start = time.perf_counter()
-                    row.update(await self.evaluate(config.env_url))
+                    row.update(await self.evaluate(config.env_url, diagnosing))
                     row["time_eval_s"] = time.perf_counter() - eval_start
                 if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
                     self.checkpoint()

@@ -337,3 +337,45 @@ def test_search_thoughts_say_whether_the_sought_object_is_in_view(
                     assert thought[1] == f"{sought} not here"
                     slip_walks += 1
     assert thought_turns >= 12 and slip_takes >= 1 and slip_walks >= 1
+
+
+def test_decision_style_thoughts_leave_the_number_to_the_action(tiny_model_dir) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    from client.prompts import ChatRenderer
+    from trainer.data import Step, Trajectory, add_search_thoughts, executed_turns
+
+    counter = "You arrive at countertop 1. On the countertop 1, you see a apple 1, and a mug 2."
+    take = "take apple 1 from countertop 1"
+
+    def trajectory() -> Trajectory:
+        steps = [
+            Step("You are in the middle of a room.", [], "go to cabinet 1", "go to cabinet 1", 3),
+            Step("On the cabinet 1, you see a mug 3.", [], "go to countertop 1", None, 2),
+            Step(counter, [], "take apple 2 from countertop 1", take, 1),  # a slip: wrong number
+            Step(NOTHING_HAPPENS, [], take, take, 1),
+        ]
+        steps[1].expert_action = "go to countertop 1"
+        trajectory = Trajectory("train", 0, "put some apple on table.", "pick_and_place")
+        trajectory.steps.extend(steps)
+        return trajectory
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer)
+
+    def thoughts(style: str) -> tuple[list, list]:
+        played = trajectory()
+        add_search_thoughts([played], style)  # type: ignore[arg-type]
+        said = [
+            tokenizer.decode(turn.response_ids, skip_special_tokens=True).split("\n")[0]
+            for turn in executed_turns(renderer, played)
+        ]
+        return [s.thought for s in played.steps], said
+
+    expert, said = thoughts("decision")
+    assert expert == [None, "apple not here", "apple here", "apple here"]
+    # The slip took apple 2, so it thought the apple was here; the number is the action's.
+    assert said[2:] == ["Thought: apple here", "Thought: apple here"]
+    expert, said = thoughts("number")
+    assert expert == [None, "apple not here", "apple 1 here", "apple 1 here"]
+    assert said[2:] == ["Thought: apple 2 here", "Thought: apple 1 here"]

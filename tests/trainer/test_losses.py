@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import LossSwitches, multi_turn_loss, topk_reverse_kl
+from trainer.losses import LossSwitches, full_divergence, multi_turn_loss
 
 # Two turns: turn 0 has tokens 0-1, turn 1 has token 2.
 TURN = torch.tensor([0, 0, 1])
@@ -36,7 +36,7 @@ def test_opd_is_minus_advantage_times_logprob_over_tokens() -> None:
     # With r = 1, the PPO form equals -A (its value); its gradient is -A per token / N.
     expected = sum(-a for a in A) / 3
     assert out.loss.item() == pytest.approx(expected)
-    assert out.advantage_mean == pytest.approx(sum(A) / 3)
+    assert out.kl_estimate == pytest.approx(-sum(A) / 3)  # mean log pi_S - log pi_T
 
 
 def test_opd_gradient_is_minus_advantage_over_n_tokens() -> None:
@@ -142,12 +142,81 @@ def test_gradients_reach_only_the_tokens_in_the_loss() -> None:
     assert touched == sorted({ids[1].item(), ids[2].item()})
 
 
-def test_topk_reverse_kl_matches_a_hand_computation() -> None:
-    student_logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    teacher_ids = torch.tensor([[0, 2]])
-    teacher_logprobs = torch.log(torch.tensor([[0.6, 0.1]]))
-    # Student: 0.5 on 0, 0.2 on 2, tail 0.3; teacher: 0.6, 0.1, tail 0.3.
-    expected = 0.5 * math.log(0.5 / 0.6) + 0.2 * math.log(0.2 / 0.1) + 0.3 * math.log(0.3 / 0.3)
-    assert topk_reverse_kl(student_logits, teacher_ids, teacher_logprobs).item() == pytest.approx(
-        expected, abs=1e-5
+# One token over a vocabulary of 3; the teacher's top-2 are ids 0 and 2.
+STUDENT_P = [0.5, 0.3, 0.2]
+TEACHER_IDS = [[0, 2]]
+TEACHER_P = [0.6, 0.1]  # tail 0.3
+# Over the buckets (id 0, id 2, the rest): student 0.5, 0.2, 0.3; teacher 0.6, 0.1, 0.3.
+S_BUCKETS, T_BUCKETS = [0.5, 0.2, 0.3], [0.6, 0.1, 0.3]
+
+
+def divergence(kind: str, beta: float = 0.5) -> torch.Tensor:
+    return full_divergence(
+        torch.log(torch.tensor([STUDENT_P])),
+        torch.tensor(TEACHER_IDS),
+        torch.log(torch.tensor([TEACHER_P])),
+        kind,  # type: ignore[arg-type]
+        beta,
     )
+
+
+def kl_by_hand(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+def test_reverse_kl_over_the_top_k_and_a_tail_bucket() -> None:
+    expected = kl_by_hand(S_BUCKETS, T_BUCKETS)
+    assert divergence("reverse_kl").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_forward_kl_over_the_top_k_and_a_tail_bucket() -> None:
+    expected = kl_by_hand(T_BUCKETS, S_BUCKETS)
+    assert divergence("forward_kl").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_generalized_jsd_mixes_teacher_and_student_by_beta() -> None:
+    beta = 0.3
+    mixture = [beta * t + (1 - beta) * s for s, t in zip(S_BUCKETS, T_BUCKETS, strict=True)]
+    expected = beta * kl_by_hand(T_BUCKETS, mixture) + (1 - beta) * kl_by_hand(S_BUCKETS, mixture)
+    assert divergence("jsd", beta).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_forward_kl_gradient_pulls_the_student_toward_the_teacher() -> None:
+    # d KL(T || S) / d logit_v = p_S(v) - p_T(v) over the full vocabulary (no tail here:
+    # the top-k is the whole vocabulary).
+    logits = torch.tensor([[0.0, 1.0, -1.0]], requires_grad=True)
+    teacher = torch.tensor([[0.7, 0.2, 0.1]])
+    loss = full_divergence(
+        torch.log_softmax(logits, -1), torch.tensor([[0, 1, 2]]), teacher.log(), "forward_kl"
+    )
+    loss.sum().backward()
+    expected = torch.softmax(logits.detach(), -1) - teacher
+    assert torch.allclose(logits.grad, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_every_divergence_is_zero_when_student_equals_teacher(kind: str) -> None:
+    logprobs = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    value = full_divergence(logprobs, torch.tensor([[0, 1]]), logprobs[:, :2], kind)  # type: ignore[arg-type]
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sage_weights_apply_to_any_divergence() -> None:
+    # Two tokens, one per turn; turn 0 Skip, turn 1 Strong: only token 1's divergence counts.
+    logprobs_NV = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]))
+    ids_NK = torch.tensor([[0, 2], [0, 2]])
+    teacher_NK = torch.log(torch.tensor([[0.6, 0.1], [0.6, 0.1]]))
+    out = multi_turn_loss(
+        logprobs_NV[:, 0],
+        logprobs_NV[:, 0],
+        teacher_NK[:, 0],
+        torch.tensor([0.9, 0.9]),
+        torch.tensor([0, 1]),
+        ["Skip", "Strong"],
+        LossSwitches(divergence="forward_kl"),
+        logprobs_NV,
+        ids_NK,
+        teacher_NK,
+    )
+    expected = kl_by_hand([0.6, 0.1, 0.3], [0.2, 0.6, 0.2])
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)

@@ -1,4 +1,5 @@
-"""One training step on a hand-made batch: forced labels, pieces, top-k and PPO substeps."""
+"""One training step on a hand-made batch: forced labels, pieces, divergences, PPO substeps,
+and the loss it applies, which is trainer/losses.py's multi_turn_loss."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from client.prompts import ChatRenderer, agent_response
 from client.protocol import ModelRef
 from trainer import train as train_module
 from trainer.config import LossConfig, TrainConfig
-from trainer.rollout import EpisodeRecord, TurnRecord
-from trainer.sft import make_optimizer
+from trainer.losses import multi_turn_loss
+from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord
+from trainer.sft import Example, make_optimizer
 from trainer.train import (
     SupervisedEpisode,
     build_batch,
     forced_label,
     student_token_outputs,
+    switches_of,
     train_on_batch,
 )
 
@@ -98,12 +101,17 @@ def test_an_all_skip_batch_trains_nothing_and_says_skipped(tiny_model_dir: Path)
 
 
 @pytest.mark.parametrize(
-    "loss", [LossConfig(kind="sage", top_k=3), LossConfig(kind="opd", substeps=2)]
+    "loss",
+    [
+        LossConfig(kind="sage", divergence="reverse_kl", top_k=3),
+        LossConfig(kind="opd", divergence="forward_kl", top_k=3),
+        LossConfig(kind="opd", substeps=2),
+    ],
 )
-def test_top_k_and_ppo_substeps_train(tiny_model_dir: Path, loss: LossConfig) -> None:
+def test_divergences_and_ppo_substeps_train(tiny_model_dir: Path, loss: LossConfig) -> None:
     tokenizer, model, optimizer, scheduler = setup(tiny_model_dir)
     config = TrainConfig(student=str(tiny_model_dir), loss=loss)
-    episode = supervised(tokenizer, ["Weak", "Strong"], top_k=loss.top_k)
+    episode = supervised(tokenizer, ["Weak", "Strong"], top_k=loss.top_k + 1)  # cut to top_k
     batch = build_batch(ChatRenderer(tokenizer), [episode], config)
     before = [p.detach().clone() for p in model.parameters()]
     metrics = train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
@@ -141,7 +149,9 @@ def test_recomputed_logprobs_follow_the_flat_token_order(tiny_model_dir: Path) -
         ChatRenderer(tokenizer), [supervised(tokenizer, ["Weak", "Strong"])], config
     )
     with torch.no_grad():
-        logprobs_N, _ = student_token_outputs(model, batch.contexts, tokenizer.pad_token_id, False)
+        logprobs_N, _ = student_token_outputs(
+            model, batch.contexts, tokenizer.pad_token_id, 1.0, False
+        )
         expected = []
         for context in batch.contexts:
             logits = model(torch.tensor([context.input_ids])).logits[0]
@@ -157,9 +167,89 @@ def test_off_policy_sft_minimises_the_mean_negative_log_likelihood(tiny_model_di
     config = TrainConfig(student="s", sft_policy="p", loss=LossConfig(kind="sft"))
     batch = build_batch(ChatRenderer(tokenizer), [supervised(tokenizer, ["Strong"] * 2)], config)
     with torch.no_grad():
-        before_N, _ = student_token_outputs(model, batch.contexts, tokenizer.pad_token_id, False)
+        before_N, _ = student_token_outputs(
+            model, batch.contexts, tokenizer.pad_token_id, 1.0, False
+        )
     metrics = train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
     assert metrics["loss"] == pytest.approx(float(-before_N.mean()), rel=1e-5)
     with torch.no_grad():
-        after_N, _ = student_token_outputs(model, batch.contexts, tokenizer.pad_token_id, False)
+        after_N, _ = student_token_outputs(
+            model, batch.contexts, tokenizer.pad_token_id, 1.0, False
+        )
     assert after_N.mean() > before_N.mean()  # the imitated tokens became likelier
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LossConfig(kind="opd"),
+        LossConfig(kind="sage", alpha=0.3),
+        LossConfig(kind="sage", divergence="forward_kl", top_k=3),
+        LossConfig(kind="sage", divergence="jsd", jsd_beta=0.3, top_k=3),
+        LossConfig(kind="opd", divergence="reverse_kl", top_k=3),
+    ],
+)
+def test_the_step_applies_multi_turn_loss(
+    tiny_model_dir: Path, loss: LossConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What trains is what the loss tests specify: the step's gradient, forwarded in
+    pieces, is the gradient of losses.multi_turn_loss over the whole batch at once."""
+    tokenizer, _, _, _ = setup(tiny_model_dir)
+    # No clipping: the step's gradients stay as the loss made them.
+    config = TrainConfig(student=str(tiny_model_dir), temperature=0.7, grad_clip=1e9, loss=loss)
+    episodes = [
+        supervised(tokenizer, ["Weak", "Strong"], top_k=4),
+        supervised(tokenizer, ["Strong", "Skip"], top_k=4),
+    ]
+    batch = build_batch(ChatRenderer(tokenizer), episodes, config)
+    monkeypatch.setattr(train_module, "MAX_FORWARD_TOKENS", 1)  # a piece per context
+    _, model, optimizer, scheduler = setup(tiny_model_dir, lr=0.0)
+    model.train()
+    metrics = train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
+    stepped = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    _, reference, _, _ = setup(tiny_model_dir, lr=0.0)
+    reference.train()
+    logprobs_N, logprobs_NV = student_token_outputs(
+        reference, batch.contexts, tokenizer.pad_token_id, 0.7, True
+    )
+    targets = batch.targets
+    out = multi_turn_loss(
+        logprobs_N,
+        targets.old_logprobs_N,
+        targets.teacher_logprobs_N,
+        batch.teacher_top1_N,
+        batch.turn_N,
+        batch.labels,
+        switches_of(loss),
+        logprobs_NV,
+        targets.topk_ids_NK,
+        targets.topk_logprobs_NK,
+    )
+    out.loss.backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert metrics["loss"] == pytest.approx(out.loss.item(), rel=1e-5, abs=1e-7)
+    assert metrics["kl_estimate"] == pytest.approx(out.kl_estimate)
+    assert torch.allclose(stepped, expected, atol=1e-6)
+    assert stepped.abs().sum() > 0
+
+
+def test_logprobs_at_the_sampling_temperature_match_the_generator(
+    tiny_model_dir: Path,
+) -> None:
+    """At T != 1 the recomputed log-probs are those of softmax(logits / T), which
+    sampled the tokens: the first substep's PPO ratio is 1, the update on-policy."""
+    tokenizer, model, _, _ = setup(tiny_model_dir)
+    model.eval()
+    renderer = ChatRenderer(tokenizer)
+    prompt = renderer.prompt("put a mug in cabinet.", [], "You arrive at cabinet 1.", ["look"])
+    generator = BatchedGenerator(model, tokenizer, max_new_tokens=8, temperature=0.4, seed=3)
+    [sample], _ = generator.generate_now([prompt])
+    context = Example(
+        prompt + sample.token_ids, [(len(prompt), len(prompt) + len(sample.token_ids))]
+    )
+    with torch.no_grad():
+        at_t, _ = student_token_outputs(model, [context], tokenizer.pad_token_id, 0.4, False)
+        at_1, _ = student_token_outputs(model, [context], tokenizer.pad_token_id, 1.0, False)
+    assert torch.allclose(at_t, torch.tensor(sample.logprobs), atol=1e-5)
+    assert not torch.allclose(at_1, torch.tensor(sample.logprobs), atol=1e-3)
