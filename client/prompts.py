@@ -68,6 +68,26 @@ def parse_action(response: str) -> str | None:
     return action or None
 
 
+def action_start(tokenizer: Any, response_ids: Sequence[int]) -> int:
+    """The index of the first token of a response's last 'Action:' line: the tokens from
+    there on name the action, those before it think. 0 when no line names an action
+    (the whole response is then what the agent said instead of an action)."""
+    text = tokenizer.decode(list(response_ids), skip_special_tokens=True)
+    offset = None
+    position = 0
+    for line in text.splitlines(keepends=True):
+        stripped = line.lstrip()
+        if stripped.lower().startswith("action:"):
+            offset = position + len(line) - len(stripped)
+        position += len(line)
+    if offset is None:
+        return 0
+    for i in range(len(response_ids)):  # the token that holds the line's first character
+        if len(tokenizer.decode(list(response_ids[: i + 1]), skip_special_tokens=True)) > offset:
+            return i
+    return 0
+
+
 class ChatTokenizer(Protocol):
     eos_token: str | None
     eos_token_id: int | None

@@ -123,3 +123,18 @@ def test_a_service_started_by_a_killed_process_stops_too() -> None:
         raise AssertionError(f"{url} still serves after the process that started it was killed")
     finally:
         parent.kill()
+
+
+def test_demo_trains_the_shipped_student_against_the_shipped_teacher(tmp_path) -> None:  # noqa: ANN001
+    settings = ["steps=1", "episodes_per_step=2", "eval_tasks=3", "max_turns=4"]
+    args = ["demo", "--out", str(tmp_path)] + [x for s in settings for x in ("--set", s)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "teacher, for reference: valid_unseen: success" in result.output
+    assert "valid_unseen: success" in result.output and "(step 0) -> " in result.output
+    assert len(list(tmp_path.glob("*/checkpoints/step-000001"))) == 1
+
+
+def test_demo_without_models_says_how_to_make_them(tmp_path) -> None:  # noqa: ANN001
+    result = CliRunner().invoke(app, ["demo", "--models", str(tmp_path / "none")])
+    assert result.exit_code != 0 and "sage-opd prepare" in result.output

@@ -66,3 +66,23 @@ def test_actions_are_parsed_from_the_last_action_line() -> None:
     assert parse_action("Thought: find it\nAction: go to drawer 1") == "go to drawer 1"
     assert parse_action("Action: look\nAction:  open fridge 1 ") == "open fridge 1"
     assert parse_action("go to drawer 1") is None and parse_action("Action:") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "action_text"),
+    [
+        ("Thought: apple not here\nAction: go to fridge 1", "Action: go to fridge 1"),
+        ("Action: look", "Action: look"),
+        ("Thought: a\nAction: look\nAction: go to desk 1", "Action: go to desk 1"),
+        ("Thought: I am lost", "Thought: I am lost"),  # no action line: all of it
+    ],
+)
+def test_action_start_is_the_first_token_of_the_last_action_line(
+    renderer: ChatRenderer, text: str, action_text: str
+) -> None:
+    from client.prompts import action_start
+
+    tokenizer = renderer.tokenizer
+    ids = tokenizer.encode(text, add_special_tokens=False) + [renderer.eos_id]
+    start = action_start(tokenizer, ids)
+    assert tokenizer.decode(ids[start:], skip_special_tokens=True).strip() == action_text

@@ -102,6 +102,9 @@ def prepare_command(
     env_url: str = typer.Option(None, help="An env service to use; default: start one."),
     force: bool = typer.Option(False, help="Rebuild even when the cache has this config."),
     evaluate: bool = typer.Option(True, help="Measure teacher and student on valid_unseen."),
+    export: str = typer.Option(
+        None, help="Also copy the models and summary here (e.g. models/tiny, as shipped)."
+    ),
 ) -> None:
     """Build the fitted tokenizer, the SFT teacher and the warm-started student (cached)."""
     import json
@@ -109,13 +112,15 @@ def prepare_command(
 
     from trainer.config import PrepareConfig, load_config
     from trainer.evaluate import ForcedResult
-    from trainer.prepare import prepare
+    from trainer.prepare import export_models, prepare
 
     start = time.perf_counter()
     settings = load_config(PrepareConfig, config, set_)
     folder = prepare(settings, Path(out), env_url, force=force, evaluate=evaluate)
     summary = json.loads((folder / "summary.json").read_text())
     typer.echo(f"artifacts: {folder} ({time.perf_counter() - start:.0f}s this call)")
+    if export:
+        typer.echo(f"models exported to {export_models(folder, Path(export))}")
     for name in ("teacher", "student"):
         part = summary[name]
         line = f"{name}: {part['parameters'] / 1e6:.2f}M parameters, {part['examples']} examples"
@@ -126,10 +131,15 @@ def prepare_command(
             typer.echo(f"  {ForcedResult(**part['valid_unseen_forced']).line()}")
     if "dagger" in summary:
         dagger = summary["dagger"]
-        typer.echo(
-            f"teacher DAgger: {dagger['episodes']} own episodes ({dagger['deviations']:.1%} of "
-            f"steps off the expert's action, {dagger['won']:.1%} won), {dagger['steps']} steps"
-        )
+        for who, player in (("dagger", "teacher"), ("student_dagger", "student")):
+            if who in dagger:
+                part = dagger[who]
+                typer.echo(
+                    f"DAgger, {player} playing: {part['episodes']} episodes "
+                    f"({part['deviations']:.1%} of steps off the expert's action, "
+                    f"{part['won']:.1%} won)"
+                )
+        typer.echo(f"teacher DAgger fine-tuning: {dagger['steps']} steps")
     judge = summary["judge"]
     per_label = ", ".join(
         f"{k.split('_')[1]} {v:.1%}" for k, v in judge.items() if k.startswith("agreement_")
@@ -199,6 +209,55 @@ def eval_command(
             )
             renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
             typer.echo(teacher_forced(policy, renderer, experts, history).line())
+
+
+@app.command("diagnose")
+def diagnose_command(
+    student: str = typer.Option(..., help="The model that plays (its states are measured)."),
+    teacher: str = typer.Option(..., help="The model asked for its action in those states."),
+    split: str = typer.Option("valid_seen"),
+    limit: int = typer.Option(40, help="The first N tasks of the split."),
+    env_url: str = typer.Option(None, help="An env service to use; default: start one."),
+) -> None:
+    """Is the teacher a good supervisor for this student? In the student's own greedy
+    episodes, how often the teacher (and the student) would take the expert's action,
+    in fresh states and right after a failed action."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from client.prompts import ChatRenderer
+    from trainer.diagnostics import expert_agreement
+    from trainer.prepare import env_service, read_agent_info
+
+    info = read_agent_info(student)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(path).eval()
+        for name, path in (("student", student), ("teacher", teacher))
+    }
+    renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
+    with env_service(env_url) as url:
+        agreements = asyncio.run(
+            expert_agreement(
+                models["student"],
+                {
+                    f"{name} ({Path(path).name})": models[name]
+                    for name, path in (("student", student), ("teacher", teacher))
+                },
+                renderer,
+                url,
+                split,
+                list(range(limit)),
+                info.get("max_turns", 30),
+                info.get("history"),
+                info.get("thought_style", "number") if info.get("thoughts") else None,
+                info.get("env", "household"),
+            )
+        )
+    typer.echo(f"in the student's greedy episodes on the first {limit} {split} tasks:")
+    for agreement in agreements:
+        typer.echo(f"  {agreement.line()}")
 
 
 @app.command("train")
@@ -313,32 +372,42 @@ def up(
 
 @app.command("demo")
 def demo(
-    prepare_config: str = typer.Option("configs/prepare-demo.yaml", help="The tiny models."),
+    models: str = typer.Option(
+        "models/tiny", help="A folder with teacher/ and student-init/ (prepare --export)."
+    ),
     train_config: str = typer.Option("configs/train-demo.yaml", help="The SAGE-OPD run."),
     set_: list[str] = typer.Option([], "--set", help="Override a train field."),
     out: str = typer.Option("runs/demo", help="Runs go to OUT/<time>."),
 ) -> None:
     """The local stack on loopback and a short SAGE-OPD run; success before and after.
 
-    Prepares the tiny teacher and student (cached under artifacts/), starts the env
-    service and a teacher service serving the prepared teacher, trains the student.
+    Starts the env service and a teacher service serving MODELS/teacher, measures the
+    teacher for reference, trains MODELS/student-init and prints its success on the
+    config's eval split before and after.
     """
     from pathlib import Path
 
-    from trainer.config import PrepareConfig, TrainConfig, load_config
-    from trainer.prepare import prepare
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import TrainConfig, load_config
+    from trainer.evaluate import summarize
+    from trainer.prepare import MODEL_FOLDERS
     from trainer.stack import local_stack
-    from trainer.train import train
+    from trainer.train import play_split, train
 
     start = time.perf_counter()
-    folder = prepare(load_config(PrepareConfig, prepare_config), evaluate=False)
-    typer.echo(f"models: {folder} ({time.perf_counter() - start:.0f}s)")
+    folder = Path(models)
+    missing = [name for name in MODEL_FOLDERS if not (folder / name / "config.json").exists()]
+    if missing:
+        raise typer.BadParameter(
+            f"{folder} lacks {', '.join(missing)}: make them with `sage-opd prepare --config "
+            f"configs/prepare-tiny.yaml --export {folder}`",
+            param_hint="--models",
+        )
+    run_dir = Path(out) / time.strftime("%Y%m%d-%H%M%S")
     with local_stack(teacher=str(folder / "teacher")) as services:
         env_url, teacher_url = services["env"].url, services["teacher"].url
         typer.echo(f"env service at {env_url}, teacher service at {teacher_url}")
-        expert, count = asyncio.run(_play(env_url, "expert", "valid_unseen", "household", 0, 16))
-        typer.echo(f"expert policy on household/valid_unseen: success {expert:.1%} ({count} tasks)")
-        run_dir = Path(out) / time.strftime("%Y%m%d-%H%M%S")
         overrides = [
             f"student={folder / 'student-init'}",
             f"teacher_urls=[{teacher_url}]",
@@ -346,7 +415,13 @@ def demo(
             f"out_dir={run_dir}",
             *set_,
         ]
-        rows = train(load_config(TrainConfig, train_config, overrides))
+        config = load_config(TrainConfig, train_config, overrides)
+        teacher = AutoModelForCausalLM.from_pretrained(folder / "teacher").eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder / "teacher")
+        for split in config.eval_splits:
+            episodes = asyncio.run(play_split(teacher, tokenizer, env_url, split, config))
+            typer.echo(f"teacher, for reference: {summarize(split, episodes).line()}")
+        rows = train(config)
     typer.echo(f"SAGE-OPD student, before -> after ({run_dir}):")
     typer.echo(_result_lines(rows))
     typer.echo(f"done in {time.perf_counter() - start:.1f}s")

@@ -70,14 +70,21 @@ class DataConfig(Frozen):
     dagger_rounds: int = 0
     dagger_tasks: int = 400  # per round, taken in turn from the expert and recovery tasks
     dagger_noise: float = 0.5
+    # Then rounds in which the warm-started student plays instead (in charge with chance
+    # student_dagger_noise per step), its states labelled by the expert, the teacher
+    # fine-tuned on them: the teacher learns what to say in the states a weaker agent
+    # reaches (its loops after its own wrong thoughts), where it supervises OPD.
+    student_dagger_rounds: int = 0
+    student_dagger_noise: float = 1.0
     seed: int = 0
 
     @model_validator(mode="after")
     def _dagger_tasks_exist(self) -> DataConfig:
-        wanted = self.dagger_rounds * self.dagger_tasks
+        rounds = self.dagger_rounds + self.student_dagger_rounds
+        wanted = rounds * self.dagger_tasks
         if wanted > self.expert_tasks + self.recovery_tasks:
             raise ValueError(
-                f"{self.dagger_rounds} DAgger rounds of {self.dagger_tasks} tasks need "
+                f"{rounds} DAgger rounds of {self.dagger_tasks} tasks need "
                 f"{wanted} tasks, more than the {self.expert_tasks + self.recovery_tasks} "
                 "expert and recovery tasks they are taken from"
             )
@@ -161,6 +168,11 @@ class LossConfig(Frozen):
     # bucket; forward_kl is SFT on the teacher's distribution in the student's states.
     divergence: Literal["sampled", "reverse_kl", "forward_kl", "jsd"] = "sampled"
     jsd_beta: float = Field(0.5, gt=0, lt=1)  # jsd: the mixture beta pi_T + (1 - beta) pi_S
+    # Which tokens of each response carry the loss: all (the paper's dense OPD) or the
+    # action line only (from "Action:" on; a thought before it stays in the context,
+    # scored by the teacher but not trained). A response without an action line is
+    # trained whole.
+    tokens: Literal["all", "action"] = "all"
     # Teacher log-probs per token that the full divergences read (the service's limit).
     top_k: int = Field(MAX_TOP_K, ge=1, le=MAX_TOP_K)
 
@@ -176,6 +188,10 @@ class TrainConfig(Frozen):
     history: int | None = None  # turns of history in every prompt (None: the whole episode)
     show_admissible: bool = True  # list the admissible actions in every observation
     max_turns: int = 30
+    # A training episode ends (lost) once this many turns in a row failed (no admissible
+    # action, or "Nothing happens."); None: it plays on to max_turns. Evaluation always
+    # plays to max_turns.
+    end_after_failures: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)
     max_new_tokens: int = 32
     episodes_per_step: int = Field(16, ge=1)  # one rollout per task, tasks drawn at random

@@ -24,7 +24,7 @@ from typing import Any
 from client.prompts import ChatRenderer
 from client.protocol import EpisodeTurn
 from client.teacher import TeacherClient
-from trainer.data import ThoughtStyle, views_in
+from trainer.data import NOTHING_HAPPENS, ThoughtStyle, views_in
 from trainer.rollout import EpisodeRecord
 
 KINDS = ("in_view", "not_in_view")
@@ -91,9 +91,13 @@ class DecisionStats:
     count: dict[str, int] = field(default_factory=dict)
     says_not: dict[str, float] = field(default_factory=dict)
     teacher: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> answer -> lp
+    # In view: the share of decisions where the teacher prefers " not" to the right answer.
+    teacher_says_not: float | None = None
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         out: dict[str, float] = {}
+        if self.teacher_says_not is not None:
+            out[f"{prefix}_in_view_teacher_says_not"] = self.teacher_says_not
         for kind in KINDS:
             out[f"{prefix}_{kind}_decisions"] = float(self.count.get(kind, 0))
             if kind in self.says_not:
@@ -186,4 +190,93 @@ async def decision_stats(
                 for answer, value in scored.items():
                     values.setdefault(answer, []).append(value)
         stats.teacher[kind] = {answer: sum(v) / len(v) for answer, v in values.items()}
+    # Where the object is in view, how often the teacher itself would rather say "not".
+    pairs = [s for kind, s in answers if kind == "in_view" and {"right", "not"} <= set(s)]
+    if pairs:
+        stats.teacher_says_not = sum(s["not"] > s["right"] for s in pairs) / len(pairs)
     return stats
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often a model's greedy action is the expert's, in another agent's states."""
+
+    model: str
+    fresh: tuple[int, int]  # (agreeing, states) where the last action did not fail
+    after_failure: tuple[int, int]  # the same right after "Nothing happens."
+
+    def line(self) -> str:
+        def share(part: tuple[int, int]) -> str:
+            return f"{part[0] / max(1, part[1]):.1%} of {part[1]}"
+
+        return (
+            f"{self.model}: the expert's action in {share(self.fresh)} fresh states, "
+            f"{share(self.after_failure)} states after a failed action"
+        )
+
+
+async def expert_agreement(
+    player: Any,
+    models: dict[str, Any],
+    renderer: ChatRenderer,
+    env_url: str,
+    split: str,
+    task_ids: list[int],
+    max_turns: int,
+    history: int | None = None,
+    thought_style: ThoughtStyle | None = "number",
+    env_name: str = "household",
+) -> list[Agreement]:
+    """Play ``task_ids`` greedily with ``player`` (the student), the expert naming its
+    action in every state reached; then ask each of ``models`` (e.g. the teacher) for
+    its greedy action in those same states, rendered as the player lived them. A
+    teacher is a good supervisor for OPD only where it agrees with the expert in the
+    student's own states, most of all after the student's failures."""
+    from client.env import EnvClient
+    from client.prompts import parse_action
+    from trainer.data import ModelPolicy, executed_turns, gather
+    from trainer.rollout import BatchedGenerator
+
+    tokenizer = renderer.tokenizer
+    async with (
+        EnvClient(env_url, max_connections=64) as env,
+        BatchedGenerator(player, tokenizer, temperature=0.0) as generator,
+    ):
+        played = await gather(
+            env,
+            task_ids,
+            1.0,  # the player acts in every state
+            0,
+            split,
+            max_turns,
+            concurrency=64,
+            progress=False,
+            env_name=env_name,
+            policy=ModelPolicy(generator, renderer, history),
+            thoughts=thought_style is not None,
+            thought_style=thought_style or "number",
+        )
+    states = []  # (prompt, the expert's action, right after a failure)
+    for trajectory in played:
+        turns = executed_turns(renderer, trajectory, own_words=True)
+        for t, step in enumerate(trajectory.steps):
+            if step.expert_action is None:
+                continue
+            failed = t > 0 and step.observation == NOTHING_HAPPENS
+            prompt = renderer.prompt(
+                trajectory.task, turns[:t], step.observation, step.admissible_actions, history
+            )
+            states.append((prompt, step.expert_action, failed))
+    out = []
+    for name, model in models.items():
+        greedy = BatchedGenerator(model, tokenizer, temperature=0.0)
+        hits = {False: [0, 0], True: [0, 0]}
+        for start in range(0, len(states), 32):
+            chunk = states[start : start + 32]
+            samples, _ = greedy.generate_now([prompt for prompt, _, _ in chunk])
+            for (_, expert, failed), sample in zip(chunk, samples, strict=True):
+                text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+                hits[failed][0] += parse_action(text) == expert
+                hits[failed][1] += 1
+        out.append(Agreement(name, tuple(hits[False]), tuple(hits[True])))  # type: ignore[arg-type]
+    return out

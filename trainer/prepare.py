@@ -205,6 +205,21 @@ def prepare(
         renderer.label_ids()  # refuse now, not after training, if a label is several tokens
         timings["tokenizer_s"] = time.perf_counter() - start
 
+        # The student warms up on a subset of the teacher's agent data (first: it may
+        # play DAgger rounds for the teacher).
+        n = config.data.student_tasks
+        student_data = trajectories["expert"][:n] + trajectories["recovery"][:n]
+        student_examples = agent_sequences(renderer, student_data, config.history)
+        student, student_log, timings["student_sft_s"] = train_model(
+            "student sft",
+            tokenizer,
+            config.student,
+            student_examples,
+            config.student_sft,
+            config.seed + 1,
+            progress,
+        )
+
         teacher_agent = agent_sequences(
             renderer, trajectories["expert"] + trajectories["recovery"], config.history
         )
@@ -219,14 +234,15 @@ def prepare(
             config.seed,
             progress,
         )
-        if config.data.dagger_rounds:
+        if config.data.dagger_rounds or config.data.student_dagger_rounds:
             start = time.perf_counter()
-            trajectories["dagger"], dagger_log = _dagger(
-                config, teacher, renderer, teacher_examples, url, progress
+            played, dagger_log = _dagger(
+                config, teacher, renderer, teacher_examples, url, progress, student
             )
             timings["dagger_s"] = time.perf_counter() - start
-            _save_trajectories(building / "data", {"dagger": trajectories["dagger"]})
-            summary["dagger"] = _dagger_summary(trajectories["dagger"], dagger_log)
+            _save_trajectories(building / "data", played)
+            trajectories.update(played)
+            summary["dagger"] = _dagger_summary(played, dagger_log)
         # A prepared model also records whether it was taught to think while searching
         # (the expert episodes of `eval --teacher-forced` then carry the same thoughts).
         agent = json.dumps(
@@ -240,19 +256,6 @@ def prepare(
         (building / "teacher" / AGENT_FILE).write_text(agent)
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
 
-        # The student warms up on a subset of the teacher's own agent data.
-        n = config.data.student_tasks
-        student_data = trajectories["expert"][:n] + trajectories["recovery"][:n]
-        student_examples = agent_sequences(renderer, student_data, config.history)
-        student, student_log, timings["student_sft_s"] = train_model(
-            "student sft",
-            tokenizer,
-            config.student,
-            student_examples,
-            config.student_sft,
-            config.seed + 1,
-            progress,
-        )
         save_model(student, tokenizer, building / "student-init")
         (building / "student-init" / AGENT_FILE).write_text(agent)
 
@@ -296,6 +299,20 @@ def prepare(
     return out
 
 
+MODEL_FOLDERS = ("teacher", "student-init")
+
+
+def export_models(folder: Path, destination: Path) -> Path:
+    """Copy a prepared folder's models and summary (not its data) to ``destination``,
+    replacing what was there: the few MB that a demo or a grid can start from."""
+    shutil.rmtree(destination, ignore_errors=True)
+    destination.mkdir(parents=True)
+    for name in MODEL_FOLDERS:
+        shutil.copytree(folder / name, destination / name)
+    shutil.copy(folder / "summary.json", destination / "summary.json")
+    return destination
+
+
 def _judge_data(
     renderer: ChatRenderer, trajectories: list[Trajectory], config: PrepareConfig
 ) -> tuple[list[Example], list[tuple[list[int], list[int], Label]]]:
@@ -320,33 +337,44 @@ def _dagger(
     first_examples: list[Example],
     url: str,
     progress: bool,
-) -> tuple[list[Trajectory], list[dict[str, float]]]:
-    """DAgger rounds (see DataConfig): the teacher's own episodes, then fine-tuning on them.
+    student: Any = None,
+) -> tuple[dict[str, list[Trajectory]], list[dict[str, float]]]:
+    """DAgger rounds (see DataConfig): a model's own episodes, then the teacher's
+    fine-tuning on them. Returns the episodes by who played ("dagger": the teacher,
+    "student_dagger": the student) and the fine-tuning's metrics.
 
     Each round plays the next ``dagger_tasks`` of the expert and recovery tasks with
-    the teacher (greedy) in charge with chance ``dagger_noise`` per step, labels every
-    state with the expert's action, and fine-tunes on those examples plus as many of
-    the teacher's first examples, drawn at random, so that it keeps what it knew.
+    the player (greedy) in charge with its chance per step, labels every state with
+    the expert's action, and fine-tunes the teacher on those examples plus as many of
+    its first examples, drawn at random, so that it keeps what it knew. The teacher
+    plays ``dagger_rounds`` rounds, then ``student`` plays ``student_dagger_rounds``.
     """
+    data = config.data
+    rounds = [("dagger", teacher, data.dagger_noise)] * data.dagger_rounds
+    if student is not None:
+        rounds += [("student_dagger", student, data.student_dagger_noise)] * (
+            data.student_dagger_rounds
+        )
     ranges = task_ranges(config)
     pool = ranges["expert"] + ranges["recovery"]
-    n = config.data.dagger_tasks
-    rng = random.Random(config.data.seed)
-    episodes: list[Trajectory] = []
+    n = data.dagger_tasks
+    rng = random.Random(data.seed)
+    episodes: dict[str, list[Trajectory]] = {}
     log_: list[dict[str, float]] = []
-    for round_ in range(config.data.dagger_rounds):
+    for round_, (who, player, noise) in enumerate(rounds):
         played = asyncio.run(
             _play_own(
                 config,
-                teacher,
+                player,
                 renderer,
                 pool[round_ * n : (round_ + 1) * n],
                 round_,
+                noise,
                 url,
                 progress,
             )
         )
-        episodes += played
+        episodes.setdefault(who, []).extend(played)
         own = agent_sequences(renderer, played, config.history, deviations=True)
         replay = rng.sample(first_examples, min(len(own), len(first_examples)))
         log_ += sft(
@@ -366,6 +394,7 @@ async def _play_own(
     renderer: ChatRenderer,
     task_ids: list[int],
     round_: int,
+    noise: float,
     url: str,
     progress: bool,
 ) -> list[Trajectory]:
@@ -376,7 +405,7 @@ async def _play_own(
         return await gather(
             env,
             task_ids,
-            config.data.dagger_noise,
+            noise,
             config.data.seed + round_,
             max_turns=config.max_turns,
             concurrency=64,
@@ -389,14 +418,20 @@ async def _play_own(
         )
 
 
-def _dagger_summary(episodes: list[Trajectory], log_: list[dict[str, float]]) -> dict[str, Any]:
-    steps = [step for episode in episodes for step in episode.steps]
-    return {
-        "episodes": len(episodes),
-        "won": sum(episode.won for episode in episodes) / max(1, len(episodes)),
-        "deviations": sum(s.action != s.expert_action for s in steps) / max(1, len(steps)),
-        "steps": len(log_),
-    }
+def _dagger_summary(
+    played: dict[str, list[Trajectory]], log_: list[dict[str, float]]
+) -> dict[str, Any]:
+    """Per player: episodes, share won, share of steps off the expert's action; and the
+    teacher's fine-tuning steps over all rounds."""
+    out: dict[str, Any] = {"steps": len(log_)}
+    for who, episodes in played.items():
+        steps = [step for episode in episodes for step in episode.steps]
+        out[who] = {
+            "episodes": len(episodes),
+            "won": sum(episode.won for episode in episodes) / max(1, len(episodes)),
+            "deviations": sum(s.action != s.expert_action for s in steps) / max(1, len(steps)),
+        }
+    return out
 
 
 async def expert_episodes(

@@ -219,7 +219,7 @@ def diagnostics_table(groups: dict[str, list[Run]], split: str) -> str:
     prefix = f"diag_{split}"
     header = (
         "| method | decisions in view | says not % (in view) | says not % (not in view) "
-        "| teacher log-prob in view: right | wrong | not |"
+        "| teacher says not % (in view) | teacher log-prob in view: right | wrong | not |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for method, runs in groups.items():
@@ -234,6 +234,7 @@ def diagnostics_table(groups: dict[str, list[Run]], split: str) -> str:
             cell("in_view_decisions", False, 0),
             cell("in_view_says_not"),
             cell("not_in_view_says_not"),
+            cell("in_view_teacher_says_not"),
             *(cell(f"in_view_teacher_lp_{a}", False, 2) for a in ("right", "wrong", "not")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -256,10 +257,11 @@ def markdown(groups: dict[str, list[Run]]) -> str:
     ]
     if any(f"diag_{headline}_in_view_decisions" in r.final for r in runs):
         parts += [
-            f"Search decisions on {headline} at the final evaluation (the turns whose "
-            "thought says whether the sought object is in view; the teacher's mean "
-            "log-prob, at the decision token, of the number in view, a wrong number and "
-            '" not"):',
+            f"Search decisions on {headline} at the final evaluation: the turns whose "
+            "thought says whether the sought object is in view; how often the student "
+            'says "not here", how often the teacher would rather say " not" than the '
+            "number in view, and the teacher's mean log-prob, at the decision token, of "
+            'the number in view, a wrong number and " not" (trainer/diagnostics.py):',
             diagnostics_table(groups, headline),
         ]
     return "\n\n".join(part for part in parts if part)

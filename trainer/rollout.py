@@ -29,6 +29,7 @@ from client.env import EnvClient
 from client.prompts import ChatRenderer, History, parse_action
 from client.protocol import EpisodeTurn, Split
 from trainer.baselines import play_many
+from trainer.data import NOTHING_HAPPENS
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class TurnRecord:
     feedback: str = ""
     admissible: bool = False  # the action was among the admissible actions
     repeated: bool = False  # the turn before's action again, with the same feedback again
+
+    @property
+    def failed(self) -> bool:
+        """The response named no admissible action, or the action did nothing."""
+        return self.action is None or not self.admissible or self.feedback == NOTHING_HAPPENS
 
     def as_episode_turn(self) -> EpisodeTurn:
         return EpisodeTurn(
@@ -359,11 +365,13 @@ async def run_episode(
     history: History = None,
     max_turns: int | None = None,
     env_name: str = "household",
+    end_after_failures: int | None = None,
 ) -> EpisodeRecord:
     """Play one task with ``policy`` until done; close the session.
 
     ``policy``: a BatchedGenerator (the episode is counted in flight, so batches wait
     for it) or any async function from prompt ids to a sample.
+    ``end_after_failures``: end the episode (lost) once that many turns in a row failed.
     """
     policy, in_flight = _tracking(policy)
     async with (
@@ -401,6 +409,9 @@ async def run_episode(
                 turn.feedback,
             )
             record.turns.append(turn)
+            recent = record.turns[-end_after_failures:] if end_after_failures else []
+            if len(recent) == end_after_failures and all(t.failed for t in recent):
+                break
         record.won = result.won
     return record
 

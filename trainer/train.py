@@ -46,12 +46,11 @@ from client.fingerprint import (
     fingerprint_of,
 )
 from client.http import ServiceCallError
-from client.prompts import ChatRenderer
+from client.prompts import ChatRenderer, action_start
 from client.protocol import EpisodeResponse, EpisodeTurn, Label, ModelRef
 from client.teacher import TeacherClient
 from trainer.baselines import play_many
 from trainer.config import LossConfig, TrainConfig
-from trainer.data import NOTHING_HAPPENS
 from trainer.diagnostics import decision_stats
 from trainer.evaluate import summarize
 from trainer.losses import (
@@ -72,6 +71,25 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
 MAX_FORWARD_TOKENS = 16_384  # padded tokens per student forward while training
+
+
+async def play_split(
+    model: Any, tokenizer: Any, env_url: str, split: str, config: TrainConfig
+) -> list[EpisodeRecord]:
+    """Greedy episodes of ``model`` on ``split`` under the train config's rendering, turn
+    limit and task selection: what each evaluation plays."""
+    return await play_greedy(
+        model,
+        tokenizer,
+        env_url,
+        split,
+        config.history,
+        config.max_turns,
+        config.eval_tasks,
+        progress=False,
+        env_name=config.env,
+        show_admissible=config.show_admissible,
+    )
 
 
 class TeacherVocabularyChanged(RuntimeError):
@@ -96,7 +114,7 @@ class SupervisedEpisode:
 
 def forced_label(turn: TurnRecord, repeated_is_strong: bool) -> bool:
     """METHOD.md: these turns are Strong without asking the judge."""
-    if turn.action is None or not turn.admissible or turn.feedback == NOTHING_HAPPENS:
+    if turn.failed:
         return True
     return repeated_is_strong and turn.repeated
 
@@ -219,6 +237,7 @@ def build_batch(
 ) -> Batch:
     """Every episode's contexts and, per trained token, what the loss reads.
 
+    With ``loss.tokens: action`` a response's trained tokens start at its action line.
     The teacher's top-k (full divergences only) is cut to the first ``loss.top_k``
     entries of each token: the answer may append the sampled token's own entry."""
     contexts, old, teacher, top1, turn_index = [], [], [], [], []
@@ -231,17 +250,22 @@ def build_batch(
         offset = len(labels)
         labels.extend(episode.labels)
         for context in renderer.contexts(record.task, record.episode_turns(), config.history):
+            spans = []
             for t, (start, end) in zip(context.turns, context.spans, strict=True):
                 turn = record.turns[t]
-                old.extend(turn.sampling_logprobs)
-                teacher.extend(episode.teacher_logprobs[t])
-                top1.extend(episode.teacher_top1[t])
-                turn_index.extend([offset + t] * (end - start))
+                k = 0  # the first trained token of the response
+                if config.loss.tokens == "action":
+                    k = action_start(renderer.tokenizer, turn.response_ids)
+                spans.append((start + k, end))
+                old.extend(turn.sampling_logprobs[k:])
+                teacher.extend(episode.teacher_logprobs[t][k:])
+                top1.extend(episode.teacher_top1[t][k:])
+                turn_index.extend([offset + t] * (end - start - k))
                 if top_k:
                     assert episode.topk_ids is not None and episode.topk_logprobs is not None
-                    topk_ids.extend(row[:top_k] for row in episode.topk_ids[t])
-                    topk_logprobs.extend(row[:top_k] for row in episode.topk_logprobs[t])
-            contexts.append(Example(context.input_ids, context.spans))
+                    topk_ids.extend(row[:top_k] for row in episode.topk_ids[t][k:])
+                    topk_logprobs.extend(row[:top_k] for row in episode.topk_logprobs[t][k:])
+            contexts.append(Example(context.input_ids, spans))
     return Batch(
         contexts=contexts,
         targets=TokenTargets(
@@ -536,6 +560,7 @@ class Trainer:
                     config.history,
                     config.max_turns,
                     config.env,
+                    config.end_after_failures,
                 )
                 if config.loss.kind == "sft":
                     return self.imitation(record)
@@ -567,18 +592,7 @@ class Trainer:
         out: dict[str, float] = {}
         self.model.eval()
         for split in config.eval_splits:
-            episodes = await play_greedy(
-                self.model,
-                self.tokenizer,
-                env_url,
-                split,
-                config.history,
-                config.max_turns,
-                config.eval_tasks,
-                progress=False,
-                env_name=config.env,
-                show_admissible=config.show_admissible,
-            )
+            episodes = await play_split(self.model, self.tokenizer, env_url, split, config)
             result = summarize(split, episodes)
             for key in ("success", "avg_turns", "invalid_rate", "repeated_rate"):
                 out[f"eval_{split}_{key}"] = float(getattr(result, key))

@@ -106,6 +106,7 @@ async def test_teacher_logprobs_are_those_of_its_own_forward_at_the_decision(
     assert in_view["wrong"] == pytest.approx(logprob(" 1"), abs=1e-4)
     assert in_view["not"] == pytest.approx(logprob(" not"), abs=1e-4)
     assert set(stats.teacher["not_in_view"]) == {"wrong", "not"}  # nothing right to name
+    assert stats.teacher_says_not == float(in_view["not"] > in_view["right"])
     metrics = stats.as_metrics("diag_valid_seen")
     assert metrics["diag_valid_seen_in_view_says_not"] == 1.0
     assert metrics["diag_valid_seen_in_view_teacher_lp_right"] == in_view["right"]

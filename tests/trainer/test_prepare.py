@@ -30,6 +30,7 @@ TINY = PrepareConfig(
         student_tasks=3,
         dagger_rounds=2,
         dagger_tasks=2,
+        student_dagger_rounds=1,
     ),
     teacher_sft=SFTConfig(epochs=1, warmup_steps=1),
     student_sft=SFTConfig(epochs=1, warmup_steps=1),
@@ -82,17 +83,24 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
         for line in (folder / "data" / f"{name}.jsonl").read_text().splitlines()[:3]
     ]
     assert summary["student"]["examples"] == sum(len(t["steps"]) for t in warm)
-    # Two DAgger rounds of two tasks each: the first four expert and recovery tasks.
+    # Two DAgger rounds of two tasks each: the first four expert and recovery tasks; then
+    # the student plays the next two, in charge of every step.
     dagger = [json.loads(x) for x in (folder / "data" / "dagger.jsonl").read_text().splitlines()]
     assert [t["task_id"] for t in dagger] == [0, 1, 2, 3]
+    lines = (folder / "data" / "student_dagger.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task_id"] for x in lines] == [4, 5]
+    student_steps = [s for x in lines for s in json.loads(x)["steps"]]
+    assert all(s["expert_action"] is not None for s in student_steps)
     # The expert's searches carry their thoughts, in its own and in the teacher's episodes.
     expert = [json.loads(x) for x in (folder / "data" / "expert.jsonl").read_text().splitlines()]
     for episodes in (expert, dagger):
         thoughts = [s["thought"] for t in episodes for s in t["steps"] if s["thought"]]
         assert any(t.endswith(" not here") for t in thoughts)
         assert any(not t.endswith(" not here") for t in thoughts)
-    assert summary["dagger"]["episodes"] == 4 and summary["dagger"]["steps"] >= 2
-    assert "dagger_s" in summary["timings"] and "teacher DAgger: 4 own episodes" in output
+    assert summary["dagger"]["dagger"]["episodes"] == 4 and summary["dagger"]["steps"] >= 3
+    assert summary["dagger"]["student_dagger"]["episodes"] == 2
+    assert "dagger_s" in summary["timings"] and "DAgger, teacher playing: 4 episodes" in output
+    assert "DAgger, student playing: 2 episodes" in output
     assert 0.0 <= summary["teacher"]["valid_unseen"]["success"] <= 1.0
     assert 0.0 <= summary["judge"]["agreement"] <= 1.0
     assert "judge agreement on held-out examples" in output

@@ -147,3 +147,27 @@ async def test_a_prompt_left_unanswered_fails_loudly(tiny_model_dir: Path) -> No
     # Not entered: no loop answers, as if it had stopped.
     with pytest.raises(TimeoutError, match="no generation for a prompt after"):
         await generator.generate([1, 2, 3])
+
+
+async def test_a_training_episode_ends_after_the_given_failures_in_a_row(
+    serve,  # noqa: ANN001
+    tiny_model_dir: Path,
+) -> None:
+    from trainer.rollout import Sample, run_episode
+
+    url = serve(create_app(EnvSettings()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer)
+    # Looks once (admissible, it works), then flies (not an action of this world).
+    said = itertools.chain(["Action: look"], itertools.repeat("Action: fly away"))
+
+    async def policy(prompt: list[int]) -> Sample:
+        ids = tokenizer.encode(next(said), add_special_tokens=False) + [tokenizer.eos_token_id]
+        return Sample(ids, [0.0] * len(ids))
+
+    async with EnvClient(url) as env:
+        cut = await run_episode(env, policy, renderer, "train", 0, None, 10, end_after_failures=3)
+        said = itertools.chain(["Action: look"], itertools.repeat("Action: fly away"))
+        full = await run_episode(env, policy, renderer, "train", 0, None, 10)
+    assert [t.failed for t in cut.turns] == [False, True, True, True] and not cut.won
+    assert len(full.turns) == 10

@@ -4,9 +4,11 @@ the teacher is repaired by OPD (its KL on its own samples falls, its success ris
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.env.app import create_app as create_env_app
 from services.env.settings import EnvSettings
@@ -56,3 +58,82 @@ def test_a_student_equal_to_its_teacher_gets_zero_advantage_and_zero_gradient(
     other = serve(create_teacher_app(TeacherSettings(model=str(tiny_model_dir_b), max_wait_ms=2.0)))
     step = one_step(env, other, tiny_model_dir, tmp_path / "other", loss)
     assert abs(step["kl_estimate"]) > 0.01 and step["grad_norm"] > 1e-3
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "tiny"
+NOISE = 0.17  # relative weight noise that about halves the shipped teacher's success
+
+
+def damaged_copy(teacher: Path, out: Path, scale: float, seed: int = 0) -> Path:
+    """The teacher with Gaussian noise on every matrix, ``scale`` times the matrix's std."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.models import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(noise * scale * parameter.std())
+    folder = save_model(model, AutoTokenizer.from_pretrained(teacher), out)
+    shutil.copy(teacher / "agent.json", folder / "agent.json")
+    return folder
+
+
+def test_opd_repairs_a_damaged_copy_of_its_teacher(serve, tmp_path: Path) -> None:  # noqa: ANN001
+    """The damaged student's KL to the teacher on its own samples falls and its success
+    rises: the trainer can improve a student at all."""
+    teacher = SHIPPED / "teacher"
+    student = damaged_copy(teacher, tmp_path / "damaged", NOISE)
+    env = serve(create_env_app(EnvSettings()))
+    url = serve(create_teacher_app(TeacherSettings(model=str(teacher), max_wait_ms=2.0)))
+    config = TrainConfig(
+        student=str(student),
+        teacher_urls=[url],
+        env_url=env,
+        history=None,
+        show_admissible=False,
+        max_turns=20,
+        max_new_tokens=24,
+        episodes_per_step=16,
+        steps=6,
+        lr=2e-4,
+        eval_splits=["valid_seen"],
+        eval_tasks=40,
+        checkpoint_every=0,
+        diagnose_decisions=0,
+        out_dir=str(tmp_path / "run"),
+        loss=LossConfig(kind="opd"),
+    )
+    rows = train(config, progress=False)
+    kl = [row["kl_estimate"] for row in rows if "kl_estimate" in row]
+    before, after = rows[0]["eval_valid_seen_success"], rows[-1]["eval_valid_seen_success"]
+    print(f"success {before:.3f} -> {after:.3f}; KL {kl}")
+    assert 0.25 < before < 0.65  # the damage about halved the teacher's success (~80%)
+    assert sum(kl[-2:]) < sum(kl[:2])
+    assert after > before
+
+
+def test_diagnose_finds_the_teacher_closer_to_the_expert_than_its_damaged_copy(
+    tmp_path: Path,
+) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    student = damaged_copy(SHIPPED / "teacher", tmp_path / "damaged", NOISE)
+    args = ["diagnose", "--student", str(student), "--teacher", str(SHIPPED / "teacher")]
+    result = CliRunner().invoke(app, [*args, "--limit", "10"])
+    assert result.exit_code == 0, result.output
+    shares = {
+        name: [float(x) for x in re.findall(r"([\d.]+)% of \d+", line)]
+        for line in result.output.splitlines()
+        if (name := line.strip().split(" ", 1)[0]) in ("student", "teacher")
+    }
+    # In the damaged copy's own states, fresh and right after a failure.
+    assert shares["teacher"][0] > shares["student"][0]
+    assert shares["teacher"][1] > shares["student"][1]

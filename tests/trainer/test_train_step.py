@@ -253,3 +253,27 @@ def test_logprobs_at_the_sampling_temperature_match_the_generator(
         at_1, _ = student_token_outputs(model, [context], tokenizer.pad_token_id, 1.0, False)
     assert torch.allclose(at_t, torch.tensor(sample.logprobs), atol=1e-5)
     assert not torch.allclose(at_1, torch.tensor(sample.logprobs), atol=1e-3)
+
+
+def test_action_tokens_only_trains_each_response_from_its_action_line(
+    tiny_model_dir: Path,
+) -> None:
+    tokenizer, _, _, _ = setup(tiny_model_dir)
+    renderer = ChatRenderer(tokenizer)
+    episode = supervised(tokenizer, ["Weak", "Strong"])
+    thought = tokenizer.encode(agent_response("look", "mug not here"), add_special_tokens=False)
+    turn = episode.record.turns[0]
+    turn.response_ids = [*thought, tokenizer.eos_token_id]
+    turn.sampling_logprobs = [-1.0] * len(turn.response_ids)
+    episode.teacher_logprobs[0] = [-0.5] * len(turn.response_ids)
+    episode.teacher_top1[0] = [0.8] * len(turn.response_ids)
+    config = TrainConfig(student=str(tiny_model_dir), loss=LossConfig(tokens="action"))
+    batch = build_batch(renderer, [episode], config)
+    [context] = batch.contexts
+    trained = [
+        tokenizer.decode(context.input_ids[a:b], skip_special_tokens=True) for a, b in context.spans
+    ]
+    assert [text.strip() for text in trained] == ["Action: look", "Action: go to cabinet 2"]
+    assert len(batch.turn_N) == sum(b - a for a, b in context.spans)
+    whole = build_batch(renderer, [episode], TrainConfig(student=str(tiny_model_dir)))
+    assert len(whole.turn_N) > len(batch.turn_N)  # the thought is trained only with "all"
