@@ -297,6 +297,7 @@ def plot(
     figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), sharey=True)
     axes = list(axes) if len(splits) > 1 else [axes]
     for axis, split in zip(axes, splits, strict=True):
+        _distinct_lines(axis)
         for method, runs in groups.items():
             xs, mean, low, high = _curve(runs, x_key, f"eval_{split}_{metric}")
             if len(xs) == 1:  # no training (e.g. the warm start): a level line
@@ -324,6 +325,16 @@ def plot(
     return path
 
 
+def _distinct_lines(axis: Any) -> None:
+    """Ten colours, solid then dashed: twenty methods stay apart on one plot."""
+    from cycler import cycler
+    from matplotlib import colormaps
+
+    axis.set_prop_cycle(
+        cycler(linestyle=["-", "--"]) * cycler(color=list(colormaps["tab10"].colors))
+    )
+
+
 def plot_training(groups: dict[str, list[Run]], key: str, ylabel: str, path: Path) -> Path | None:
     """A training metric (e.g. kl_estimate) against the step: a line per method that
     logged it, a band over seeds. None when no run logged it."""
@@ -333,6 +344,7 @@ def plot_training(groups: dict[str, list[Run]], key: str, ylabel: str, path: Pat
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    _distinct_lines(axis)
     drawn = False
     for method, runs in groups.items():
         points = [
