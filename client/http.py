@@ -26,6 +26,11 @@ from client.protocol import CLIENT_ID_HEADER, ErrorBody
 
 M = TypeVar("M", bound=BaseModel)
 
+# An idle pooled connection is dropped after this long: below the services' keep-alive
+# (services/http.py KEEP_ALIVE_S), so that the server never closes a connection just as
+# the client reuses it (a ReadError on a request that may not be retried).
+KEEPALIVE_EXPIRY_S = 30.0
+
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAYBE_SENT = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
 
@@ -77,7 +82,9 @@ class JsonClient:
             headers=all_headers,
             transport=transport,
             limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
         )
 

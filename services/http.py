@@ -188,9 +188,22 @@ def health_router(
     return router
 
 
+# How long an idle keep-alive connection stays open: longer than the clients keep one
+# (client/http.py KEEPALIVE_EXPIRY_S), so a client never sends on a connection the
+# server is closing at that moment (uvicorn's default, 5 s, equals httpx's default).
+KEEP_ALIVE_S = 75
+
+
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Run ``app`` under uvicorn until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
 
 
 @contextmanager
@@ -206,7 +219,13 @@ def running_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
