@@ -47,13 +47,21 @@ class GridConfig(Frozen):
     seeds: list[int] = [0, 1, 2]
     workers: int = Field(2, ge=1)  # runs side by side
     threads: int = Field(1, ge=1)  # torch threads per run
-    # method name -> the TrainConfig fields it changes, as dotted keys ("loss.kind": "opd")
+    # method name -> the TrainConfig fields it changes, as dotted keys ("loss.kind": "opd");
+    # a method's own `seeds` list replaces the grid's for that method
     methods: dict[str, dict[str, Any]]
+
+    def seeds_of(self, method: str) -> list[int]:
+        return list(self.methods[method].get("seeds", self.seeds))
 
     @model_validator(mode="after")
     def _one_source_of_models(self) -> GridConfig:
         if (self.prepare is None) == (self.student is None or self.teacher is None):
             raise ValueError("give either prepare, or both student and teacher")
+        for method, fields in self.methods.items():
+            seeds = fields.get("seeds", self.seeds)
+            if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+                raise ValueError(f"{method}: seeds must be a non-empty list of seeds >= 0")
         return self
 
 
@@ -71,12 +79,16 @@ def run_specs(
     """Every run of the grid, seed-major (one full row of methods before the next seed)."""
     base = yaml.safe_load(Path(grid.train).read_text()) or {}
     specs = []
-    for seed in grid.seeds:
+    seeds = sorted({seed for method in grid.methods for seed in grid.seeds_of(method)})
+    for seed in seeds:
         for method, fields in grid.methods.items():
+            if seed not in grid.seeds_of(method):
+                continue
             folder = out / method / f"seed-{seed}"
             overrides = [
                 f"{key}={json.dumps(value).replace(TEACHER_PLACEHOLDER, teacher)}"
                 for key, value in fields.items()
+                if key != "seeds"
             ]
             data = apply_overrides(json.loads(json.dumps(base)), overrides)
             data.update(

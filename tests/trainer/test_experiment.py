@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tests.trainer.test_prepare import TINY
 from trainer.cli import app
-from trainer.experiment import DONE_FILE
+from trainer.experiment import DONE_FILE, GridConfig, run_specs
 from trainer.report import find_runs
 
 METHODS = {
@@ -97,3 +97,27 @@ def test_report_writes_a_table_in_grid_order_and_plots(grid: Path, tmp_path: Pat
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code != 0 and "holds no run" in result.output
+
+
+def test_a_method_can_run_more_seeds_than_the_grid(tmp_path: Path) -> None:
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"student": "s", "steps": 1}))
+    grid = GridConfig(
+        train=str(tmp_path / "train.yaml"),
+        student="s",
+        teacher="t",
+        seeds=[0, 1],
+        methods={"opd": {"loss.kind": "opd", "seeds": [0, 1, 2, 3]}, "sage": {}},
+    )
+    urls = {"env": "http://127.0.0.1:1", "teacher": "http://127.0.0.1:2"}
+    specs = run_specs(grid, tmp_path / "runs", "s", "t", urls)
+    assert [(spec.method, spec.seed) for spec in specs] == [
+        ("opd", 0),
+        ("sage", 0),
+        ("opd", 1),
+        ("sage", 1),
+        ("opd", 2),
+        ("opd", 3),
+    ]
+    assert specs[-1].config.loss.kind == "opd" and specs[-1].config.seed == 3
+    with pytest.raises(ValueError, match="seeds"):
+        GridConfig(train="x", student="s", teacher="t", methods={"opd": {"seeds": []}})
