@@ -233,18 +233,15 @@ def diagnose_command(
     info = read_agent_info(student)
     tokenizer = AutoTokenizer.from_pretrained(student)
     models = {
-        name: AutoModelForCausalLM.from_pretrained(path).eval()
+        f"{name} ({Path(path).name})": AutoModelForCausalLM.from_pretrained(path).eval()
         for name, path in (("student", student), ("teacher", teacher))
     }
     renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
     with env_service(env_url) as url:
         agreements = asyncio.run(
             expert_agreement(
-                models["student"],
-                {
-                    f"{name} ({Path(path).name})": models[name]
-                    for name, path in (("student", student), ("teacher", teacher))
-                },
+                next(iter(models.values())),  # the student plays
+                models,
                 renderer,
                 url,
                 split,

@@ -58,8 +58,8 @@ class GridConfig(Frozen):
     def _one_source_of_models(self) -> GridConfig:
         if (self.prepare is None) == (self.student is None or self.teacher is None):
             raise ValueError("give either prepare, or both student and teacher")
-        for method, fields in self.methods.items():
-            seeds = fields.get("seeds", self.seeds)
+        for method in self.methods:
+            seeds = self.seeds_of(method)
             if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
                 raise ValueError(f"{method}: seeds must be a non-empty list of seeds >= 0")
         return self

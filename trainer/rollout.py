@@ -409,9 +409,9 @@ async def run_episode(
                 turn.feedback,
             )
             record.turns.append(turn)
-            recent = record.turns[-end_after_failures:] if end_after_failures else []
-            if len(recent) == end_after_failures and all(t.failed for t in recent):
-                break
+            if end_after_failures and len(record.turns) >= end_after_failures:
+                if all(t.failed for t in record.turns[-end_after_failures:]):
+                    break
         record.won = result.won
     return record
 
