@@ -1,13 +1,17 @@
 """An async JSON client with the contract's error model and retries, shared by both clients.
 
-Retries (tenacity, exponential backoff with jitter) cover what is safe to repeat:
-a 503 (the service refused before doing anything; its Retry-After is honoured)
-and a connection that could not be made. A request that may have reached the
-service is retried only when it is idempotent.
+Retries (tenacity, capped exponential backoff with jitter) cover what is safe to
+repeat: a 503 (the service refused before doing anything; its Retry-After is
+honoured) and a connection that could not be made. A request that may have reached
+the service is retried only when it is idempotent. Retries go on until the policy's
+time budget is spent, so a service that is restarting (a killed teacher takes tens
+of seconds to load its model again) is waited for, with a warning in the log.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,14 +21,13 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
     wait_exponential_jitter,
 )
 
 from client.protocol import CLIENT_ID_HEADER, ErrorBody
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 # An idle pooled connection is dropped after this long: below the services' keep-alive
 # (services/http.py KEEP_ALIVE_S), so that the server never closes a connection just as
@@ -45,12 +48,22 @@ class ServiceCallError(Exception):
         self.retry_after_s = retry_after_s
 
 
+# While a call keeps retrying, a warning at most this often (many calls wait at once).
+WARN_EVERY_S = 5.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6
+    """When a call is tried again: waits from ``initial_wait_s`` doubling up to
+    ``max_wait_s`` (plus jitter), until ``max_total_s`` has passed since the first try.
+
+    ``attempts``: None, no limit but the time; a number, at most that many tries
+    (1: never retry, for callers that want the first answer as it is)."""
+
+    attempts: int | None = None
     initial_wait_s: float = 0.2
     max_wait_s: float = 5.0
-    max_total_s: float = 120.0  # give up after this long in all, whatever the count
+    max_total_s: float = 120.0  # give up after this long in all
 
 
 class JsonClient:
@@ -76,6 +89,7 @@ class JsonClient:
             all_headers[CLIENT_ID_HEADER] = client_id
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        self._warned_at = -WARN_EVERY_S  # time.monotonic() of the last retry warning
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
@@ -124,17 +138,39 @@ class JsonClient:
                 return True
             return idempotent and isinstance(exc, _MAYBE_SENT)
 
+        policy = self.retry
         backoff = wait_exponential_jitter(
-            multiplier=self.retry.initial_wait_s,
-            max=self.retry.max_wait_s,
-            jitter=self.retry.initial_wait_s,
+            multiplier=policy.initial_wait_s, max=policy.max_wait_s, jitter=policy.initial_wait_s
         )
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, ServiceCallError) and exc.retry_after_s is not None:
-                return min(exc.retry_after_s, self.retry.max_wait_s)
-            return backoff(state)
+                pause = min(exc.retry_after_s, policy.max_wait_s)
+            else:
+                pause = backoff(state)
+            # Never sleep past the budget: the last try comes as it runs out.
+            return max(0.0, min(pause, policy.max_total_s - state.seconds_since_start))
+
+        def stop(state: RetryCallState) -> bool:
+            if state.seconds_since_start >= policy.max_total_s:
+                return True
+            return policy.attempts is not None and state.attempt_number >= policy.attempts
+
+        def warn(state: RetryCallState) -> None:
+            now = time.monotonic()
+            if now - self._warned_at < WARN_EVERY_S:
+                return
+            self._warned_at = now
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s %s%s failed (%s); retrying for up to %.0fs more",
+                method,
+                self.base_url,
+                path,
+                _describe(exc),
+                policy.max_total_s - state.seconds_since_start,
+            )
 
         content = body.model_dump_json().encode() if body is not None else None
         send_headers = {"Content-Type": "application/json"} if content is not None else {}
@@ -142,7 +178,8 @@ class JsonClient:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(retryable),
             wait=wait,
-            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_total_s),
+            stop=stop,
+            before_sleep=warn,
             reraise=True,
         ):
             with attempt:
@@ -154,6 +191,13 @@ class JsonClient:
         if response_model is None or response.status_code == 204:
             return None
         return response_model.model_validate_json(response.content)
+
+
+def _describe(exc: BaseException | None) -> str:
+    """An exception as a short phrase for the log (httpx's messages may be empty)."""
+    if exc is None:
+        return "no answer"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _error_from(response: httpx.Response) -> ServiceCallError:

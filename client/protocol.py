@@ -68,7 +68,7 @@ class CreateSessionRequest(_Model):
     env: str = Field("household", max_length=64)
     split: Split = "train"
     task_id: int = Field(0, ge=0)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, strict=True)  # strict: true/false is no seed
     max_turns: int | None = Field(None, ge=1, le=1_000, description="Overrides the task's own")
 
 
@@ -202,7 +202,8 @@ class BatchExpertResponse(_Model):
 
 Label = Literal["Skip", "Weak", "Strong"]
 LABELS: tuple[Label, ...] = ("Skip", "Weak", "Strong")
-ModelState = Literal["loading", "warming", "serving", "draining", "unloaded", "failed"]
+# "ready": loaded and warm, not the active model (a swap makes it "serving").
+ModelState = Literal["loading", "warming", "ready", "serving", "draining", "unloaded", "failed"]
 
 
 class ModelRef(_Model):

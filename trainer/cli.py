@@ -7,6 +7,7 @@ and serving the env service never imports torch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import typer
@@ -20,20 +21,25 @@ app.add_typer(env_app, name="env")
 app.add_typer(teacher_app, name="teacher")
 
 
+# The serve commands' flags default to None: a flag given overrides the service's
+# setting, one left out leaves the SAGE_ENV_* / SAGE_TEACHER_* variable (or the
+# setting's own default) in force.
+
+
 @teacher_app.command("serve")
 def teacher_serve(
     model: str = typer.Option(
         None, help="HF id, local model folder, or the folder of a GGUF file."
     ),
-    model_name: str = typer.Option("teacher", help="The name answers carry."),
+    model_name: str = typer.Option(None, help="The name answers carry (default: teacher)."),
     gguf_file: str = typer.Option(None, help="GGUF file name inside --model."),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("auto", help="auto: CUDA when present, else CPU."),
-    backend: str = typer.Option("transformers", help="transformers or vllm"),
-    host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless you mean it."),
-    port: int = typer.Option(8200),
+    dtype: str = typer.Option(None, help="Default: float32."),
+    device: str = typer.Option(None, help="Default auto: CUDA when present, else CPU."),
+    backend: str = typer.Option(None, help="transformers (the default) or vllm"),
+    host: str = typer.Option(None, help="Bind address (default loopback; only if you mean it)."),
+    port: int = typer.Option(None, help="Default: 8200."),
 ) -> None:
-    """Run the teacher service (settings also from SAGE_TEACHER_* variables)."""
+    """Run the teacher service; flags left out come from SAGE_TEACHER_* variables."""
     from services.teacher.__main__ import serve_teacher
 
     serve_teacher(
@@ -50,11 +56,13 @@ def teacher_serve(
 
 @env_app.command("serve")
 def env_serve(
-    host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless you mean it."),
-    port: int = typer.Option(8100),
-    environments: str = typer.Option("household", help="Comma-separated environments to serve."),
+    host: str = typer.Option(None, help="Bind address (default loopback; only if you mean it)."),
+    port: int = typer.Option(None, help="Default: 8100."),
+    environments: str = typer.Option(
+        None, help="Comma-separated environments to serve (default: household)."
+    ),
 ) -> None:
-    """Run the env service under uvicorn (settings also from SAGE_ENV_* variables)."""
+    """Run the env service under uvicorn; flags left out come from SAGE_ENV_* variables."""
     from services.env.__main__ import serve_env
 
     serve_env(host, port, environments)
@@ -257,6 +265,18 @@ def diagnose_command(
         typer.echo(f"  {agreement.line()}")
 
 
+def log_to_stderr() -> None:
+    """The trainer's and clients' own messages (a resume, a retry, a dropped episode) on
+    stderr, with the time; libraries' request logs stay quiet."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    for name in ("trainer", "client"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 @app.command("train")
 def train_command(
     config: str = typer.Option(..., help="YAML TrainConfig (configs/train-*.yaml)."),
@@ -268,14 +288,18 @@ def train_command(
     Resumes from the newest checkpoint in the run's out_dir when there is one.
     """
     from trainer.config import TrainConfig, load_config
-    from trainer.train import TeacherVocabularyChanged, train
+    from trainer.train import EpisodesLost, TeacherVocabularyChanged, train
 
     settings = load_config(TrainConfig, config, set_)
+    log_to_stderr()
     try:
         rows = train(settings, progress=not quiet)
     except TeacherVocabularyChanged as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(3) from exc
+    except EpisodesLost as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(_result_lines(rows))
 
 
@@ -309,6 +333,7 @@ def experiment_command(
 
     from trainer.experiment import run_grid
 
+    log_to_stderr()
     start = time.perf_counter()
     failures = run_grid(grid, Path(out), Path(artifacts), progress=not quiet)
     typer.echo(f"grid done in {(time.perf_counter() - start) / 60:.1f} min: {out}")

@@ -11,6 +11,10 @@ tokens, not the episode's. Each turn records the sampled token ids and their
 log-probs under the distribution they were sampled from, softmax(logits / T) (what
 the trainer recomputes), the action parsed from them, and what the environment
 answered.
+
+Each episode samples from its own random generator, seeded from the generator's seed
+and the episode's key (its env, split and task): an episode's tokens do not depend on
+which other episodes shared its batches, so a run repeats itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +106,7 @@ class BatchedGenerator:
         gather_s: float = 0.25,
         reuse_cache: bool = True,
         answer_timeout_s: float = 900.0,
+        stop_timeout_s: float = 30.0,
     ) -> None:
         """Episodes played with this generator as their policy (run_episode) are counted
         while in flight; a batch waits until every one of them has its prompt in, or
@@ -110,7 +117,13 @@ class BatchedGenerator:
 
         ``reuse_cache``: keep each episode's KV cache between its turns (memory: one
         cache per episode in flight). ``answer_timeout_s``: a prompt not answered by
-        then fails its episode loudly instead of leaving the run waiting."""
+        then fails its episode loudly instead of leaving the run waiting.
+        ``stop_timeout_s``: how long leaving the ``async with`` waits for the worker to
+        stop before it raises instead (it never waits forever).
+
+        ``seed``: an episode with a key samples from a generator seeded from the seed
+        and its key (see :func:`episode_seed`); calls without a key share one seeded
+        from ``seed`` alone."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -118,6 +131,7 @@ class BatchedGenerator:
         self.max_batch = max_batch
         self.gather_s = gather_s
         self.answer_timeout_s = answer_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self.reuse_cache = reuse_cache
         self._cache_arg = _cache_argument(model)
         self._caches: dict[Hashable, CachedPrefix] = {}
@@ -125,7 +139,10 @@ class BatchedGenerator:
         self.in_flight = 0  # episodes playing with this generator (see episode())
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.seed = seed
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._rngs: dict[Hashable, torch.Generator] = {}  # per episode key
+        self._names: Counter[tuple] = Counter()  # episodes started per name (episode_key)
         self._pending: list[tuple[list[int], Hashable | None, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -137,16 +154,27 @@ class BatchedGenerator:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        """Stop the worker; prompts it never took fail. Raises RuntimeError if the worker
+        does not stop within ``stop_timeout_s`` (the caller is never left waiting)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        worker.cancel()
+        done, _ = await asyncio.wait({worker}, timeout=self.stop_timeout_s)
         self._caches.clear()
+        if not done:
+            raise RuntimeError(
+                f"the generation worker did not stop within {self.stop_timeout_s:.0f}s "
+                "of being cancelled"
+            )
+        if not worker.cancelled() and worker.exception() is not None:
+            raise RuntimeError("the generation worker failed") from worker.exception()
 
     @contextlib.asynccontextmanager
     async def episode(self, key: Hashable | None = None) -> AsyncIterator[None]:
         """Count an episode as in flight (its next prompt is awaited before a batch
-        starts); its generate calls with ``key`` share a KV cache, dropped at the end."""
+        starts); its generate calls with ``key`` share a KV cache and a random generator
+        (see episode_seed), both dropped at the end."""
         self.in_flight += 1
         if key is not None:
             self._live.add(key)
@@ -156,16 +184,37 @@ class BatchedGenerator:
             self.in_flight -= 1
             self._live.discard(key)
             self._caches.pop(key, None)
+            self._rngs.pop(key, None)
             self._wakeup.set()
+
+    def episode_key(self, *name: Hashable) -> tuple:
+        """A key for the next episode called ``name`` (e.g. its env, split and task):
+        the name and how many episodes of that name this generator started before. Keys
+        are unique, and the same in every run that plays the same episodes."""
+        count = self._names[name]
+        self._names[name] += 1
+        return (*name, count)
+
+    def _rng(self, key: Hashable | None) -> torch.Generator:
+        """The random generator of ``key``'s episode (None: the shared one)."""
+        if key is None:
+            return self.generator
+        if key not in self._rngs:
+            seed = episode_seed(self.seed, key)
+            self._rngs[key] = torch.Generator(device="cpu").manual_seed(seed)
+        return self._rngs[key]
 
     async def generate(self, prompt_ids: list[int], key: Hashable | None = None) -> Sample:
         """A response to ``prompt_ids``; calls with the same ``key`` (one episode, see
         episode()) reuse the KV cache of the prompt's prefix that was forwarded before."""
+        if self._worker is not None and self._worker.done():
+            raise RuntimeError("the generator's worker has stopped; nothing would answer")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((prompt_ids, key, future))
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(future, self.answer_timeout_s)
+            async with asyncio.timeout(self.answer_timeout_s):
+                return await future
         except TimeoutError as exc:
             raise TimeoutError(
                 f"no generation for a prompt after {self.answer_timeout_s:.0f}s "
@@ -173,44 +222,65 @@ class BatchedGenerator:
             ) from exc
 
     async def _loop(self) -> None:
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            deadline = asyncio.get_running_loop().time() + self.gather_s
-            await asyncio.sleep(0)  # let every episode that is ready join this batch
-            while len(self._pending) < min(self.in_flight, self.max_batch):
-                left = deadline - asyncio.get_running_loop().time()
-                if left <= 0:
-                    break
-                # generate() and an episode's end set the event; nothing runs between
-                # the check above and this clear, so no wake-up is lost.
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), left)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            prompts = [prompt for prompt, _, _ in batch]
-            reuse = [self._caches.pop(key, None) for _, key, _ in batch]
-            try:
-                samples, caches = await asyncio.to_thread(self.generate_now, prompts, reuse)
-            except Exception as exc:  # fail the episodes that asked, not the loop
-                for _, _, future in batch:
+        batch: list[tuple[list[int], Hashable | None, asyncio.Future]] = []
+        try:
+            while True:
+                if not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                deadline = asyncio.get_running_loop().time() + self.gather_s
+                await asyncio.sleep(0)  # let every episode that is ready join this batch
+                while len(self._pending) < min(self.in_flight, self.max_batch):
+                    if deadline <= asyncio.get_running_loop().time():
+                        break
+                    # generate() and an episode's end set the event; nothing runs between
+                    # the check above and this clear, so no wake-up is lost. (Not
+                    # asyncio.wait_for: on Python 3.11 it swallows a cancellation that
+                    # arrives as the event is set, and the worker would never stop.)
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(deadline):
+                            await self._wakeup.wait()
+                batch = self._pending[: self.max_batch]
+                self._pending = self._pending[self.max_batch :]
+                prompts = [prompt for prompt, _, _ in batch]
+                reuse = [self._caches.pop(key, None) for _, key, _ in batch]
+                rngs = [self._rng(key) for _, key, _ in batch]
+                try:
+                    samples, caches = await asyncio.to_thread(
+                        self.generate_now, prompts, reuse, rngs
+                    )
+                except Exception as exc:  # fail the episodes that asked, not the loop
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    batch = []
+                    continue
+                self.batches.append(len(batch))
+                for (_, key, future), sample, cache in zip(batch, samples, caches, strict=True):
+                    # Kept on this loop only, so an episode that has ended keeps no cache.
+                    if self.reuse_cache and key in self._live:
+                        self._caches[key] = cache
                     if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches.append(len(batch))
-            for (_, key, future), sample, cache in zip(batch, samples, caches, strict=True):
-                # Kept on this loop only, so an episode that has ended keeps no cache.
-                if self.reuse_cache and key in self._live:
-                    self._caches[key] = cache
+                        future.set_result(sample)
+                batch = []
+        finally:  # stopped: nobody will answer the prompts still waiting
+            for _, _, future in [*batch, *self._pending]:
                 if not future.done():
-                    future.set_result(sample)
+                    future.set_exception(RuntimeError("the generator stopped before answering"))
+            self._pending = []
 
     @torch.inference_mode()
     def generate_now(
-        self, prompts: list[list[int]], reuse: list[CachedPrefix | None] | None = None
+        self,
+        prompts: list[list[int]],
+        reuse: list[CachedPrefix | None] | None = None,
+        rngs: list[torch.Generator] | None = None,
     ) -> tuple[list[Sample], list[CachedPrefix]]:
         """Decode for ``prompts`` at once; stop each at its end-of-turn token.
+
+        Row b samples from ``rngs[b]`` (default: the shared generator), one draw per
+        token it samples, so what a row samples does not depend on the other rows.
 
         A row forwards only what follows the longest prefix its ``reuse`` cache shares
         with its prompt. Rows are laid out [pad][cached][pad][new tokens], the pads masked and
@@ -219,6 +289,7 @@ class BatchedGenerator:
         """
         device = next(self.model.parameters()).device
         rows = len(prompts)
+        rngs = rngs or [self.generator] * rows
         reuse = [_shared_prefix(c, p) for c, p in zip(reuse or [None] * rows, prompts, strict=True)]
         cached = [len(c.ids) if c is not None else 0 for c in reuse]
         new = [p[n:] for p, n in zip(prompts, cached, strict=True)]
@@ -252,7 +323,17 @@ class BatchedGenerator:
             # recomputes and differentiates (greedy decoding records those at T = 1).
             if self.temperature > 0:
                 logprobs_BV = torch.log_softmax(logits_BV / self.temperature, dim=-1)
-                token_B = torch.multinomial(logprobs_BV.exp(), 1, generator=self.generator)[:, 0]
+                probs_BV = logprobs_BV.exp()
+                # A finished row draws nothing (its token is ignored), so that its
+                # generator advances only with its own tokens.
+                token_B = torch.tensor(
+                    [
+                        self.pad_id
+                        if finished[b]
+                        else int(torch.multinomial(probs_BV[b], 1, generator=rngs[b]))
+                        for b in range(rows)
+                    ]
+                )
             else:
                 logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
                 token_B = logits_BV.argmax(dim=-1)
@@ -316,6 +397,12 @@ class BatchedGenerator:
         return cache
 
 
+def episode_seed(seed: int, key: Hashable) -> int:
+    """The seed of an episode's random generator: a stable hash (crc32 of the repr, the
+    same in every process, unlike hash()) of the generator's seed and the episode key."""
+    return zlib.crc32(repr((seed, key)).encode())
+
+
 def _cache_argument(model: Any) -> str:
     """The name under which the model's forward takes a KV cache, and returns it.
 
@@ -348,10 +435,13 @@ def _shared_prefix(cache: CachedPrefix | None, prompt: list[int]) -> CachedPrefi
 Policy = Callable[[list[int]], Awaitable[Sample]]
 
 
-def _tracking(policy: Policy | BatchedGenerator) -> tuple[Policy, Any]:
-    """The policy's generate function, and a context that counts the episode in flight."""
+def _tracking(policy: Policy | BatchedGenerator, *name: Hashable) -> tuple[Policy, Any]:
+    """The policy's generate function, and a context that counts the episode in flight.
+
+    With a BatchedGenerator the episode's key (its KV cache between turns, its random
+    generator) comes from ``name``, so the episode samples the same tokens in any run."""
     if isinstance(policy, BatchedGenerator):
-        key = object()  # this episode's KV cache between turns
+        key = policy.episode_key(*name)
         return functools.partial(policy.generate, key=key), policy.episode(key)
     return policy, contextlib.nullcontext()
 
@@ -373,7 +463,7 @@ async def run_episode(
     for it) or any async function from prompt ids to a sample.
     ``end_after_failures``: end the episode (lost) once that many turns in a row failed.
     """
-    policy, in_flight = _tracking(policy)
+    policy, in_flight = _tracking(policy, env_name, split, task_id)
     async with (
         in_flight,
         env.open_session(env_name, split, task_id, max_turns=max_turns) as created,

@@ -10,9 +10,15 @@ One step:
    contexts (client/prompts.py renders them) and the loss of trainer/losses.py is
    applied for ``loss.substeps`` optimizer steps. The token weights are fixed for
    the whole batch first, so the batch is forwarded in pieces of bounded size.
-3. log: one JSON line per step (metrics.jsonl) and TensorBoard scalars; greedy
-   evaluation every ``eval_every`` steps; an atomic checkpoint every
-   ``checkpoint_every`` steps, from which a new run in the same folder resumes.
+3. log: one JSON line per step (metrics.jsonl, on disk before anything else of the
+   step is) and TensorBoard scalars; greedy evaluation every ``eval_every`` steps;
+   then an atomic checkpoint every ``checkpoint_every`` steps, from which a new run
+   in the same folder resumes (dropping the rows logged after it).
+
+An episode the env service loses (its session gone after a restart, the service out
+of reach) is dropped and counted in the step's ``episodes_dropped``; the step goes on
+with the others. A step that loses every episode is collected again, up to
+COLLECT_ATTEMPTS times, then the run stops with EpisodesLost.
 
 The teacher's model and revision are logged per step. When the teacher service
 switches to a model with another vocabulary, the run saves a checkpoint and
@@ -25,6 +31,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from tqdm.auto import tqdm
 
@@ -71,6 +79,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
 MAX_FORWARD_TOKENS = 16_384  # padded tokens per student forward while training
+COLLECT_ATTEMPTS = 3  # tries at collecting a step whose every episode was dropped
 
 
 async def play_split(
@@ -94,6 +103,19 @@ async def play_split(
 
 class TeacherVocabularyChanged(RuntimeError):
     """The teacher service now serves a model whose vocabulary is not the student's."""
+
+
+class EpisodesLost(RuntimeError):
+    """Every episode of a step was dropped, in each of COLLECT_ATTEMPTS collections."""
+
+
+def episode_lost(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while an episode talked to the env service, means the
+    service lost the episode (it restarted, or could not be reached): its session is
+    gone (404), the service failed (5xx), or the connection did."""
+    if isinstance(exc, ServiceCallError):
+        return exc.status >= 500 or (exc.status == 404 and exc.error.code == "session_not_found")
+    return isinstance(exc, httpx.TransportError)
 
 
 # ----------------------------------------------------------------------------- supervision
@@ -390,6 +412,27 @@ def label_metrics(episodes: list[SupervisedEpisode]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. Unreadable lines at its end (a write cut short by a
+    kill) are left out with a warning; an unreadable line before a good one is an error."""
+    rows: list[dict[str, Any]] = []
+    torn: list[int] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(number)
+            continue
+        if torn:
+            raise ValueError(f"{path}: line {torn[0]} is not JSON, and rows follow it")
+        rows.append(row)
+    if torn:
+        log.warning("%s: dropping %d torn line(s) at its end: %s", path, len(torn), torn)
+    return rows
+
+
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     folder = out_dir / "checkpoints"
     return sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -501,16 +544,22 @@ class Trainer:
     # --- bookkeeping
 
     def _truncate_metrics(self, step: int) -> None:
-        """Forget metrics logged after the checkpoint a resume starts from."""
+        """Forget metrics logged after the checkpoint a resume starts from, and a torn
+        last line (a kill in the middle of a write)."""
         path = self.out_dir / METRICS_FILE
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_metrics(path) if row["step"] <= step]
+        rewritten = path.with_suffix(".rewriting")
+        rewritten.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        rewritten.replace(path)  # atomic: a kill now leaves the old file or the new one
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
+        """Append the row to metrics.jsonl, on disk (fsync) before this returns."""
         with (self.out_dir / METRICS_FILE).open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, int | float) and key != "step":
@@ -539,9 +588,12 @@ class Trainer:
 
     async def collect(
         self, env: EnvClient, supervisor: Supervisor, task_ids: list[int]
-    ) -> list[SupervisedEpisode]:
+    ) -> tuple[list[SupervisedEpisode], list[BaseException]]:
+        """Play and supervise the tasks' episodes: those kept, in task order, and what
+        lost the others (see episode_lost: they are dropped, not fatal)."""
         config = self.config
         self.model.eval()
+        lost: list[BaseException] = []
         async with BatchedGenerator(
             self.policy,
             self.tokenizer,
@@ -550,23 +602,54 @@ class Trainer:
             seed=config.seed * 100_003 + self.step,
         ) as generator:
 
-            async def one(task_id: int) -> SupervisedEpisode:
-                record = await run_episode(
-                    env,
-                    generator,
-                    self.renderer,
-                    config.train_split,  # type: ignore[arg-type]
-                    task_id,
-                    config.history,
-                    config.max_turns,
-                    config.env,
-                    config.end_after_failures,
-                )
+            async def one(task_id: int) -> SupervisedEpisode | None:
+                try:
+                    record = await run_episode(
+                        env,
+                        generator,
+                        self.renderer,
+                        config.train_split,  # type: ignore[arg-type]
+                        task_id,
+                        config.history,
+                        config.max_turns,
+                        config.env,
+                        config.end_after_failures,
+                    )
+                except (ServiceCallError, httpx.HTTPError) as exc:
+                    if not episode_lost(exc):
+                        raise
+                    log.warning("episode of task %d dropped: %s", task_id, exc)
+                    lost.append(exc)
+                    return None
                 if config.loss.kind == "sft":
                     return self.imitation(record)
                 return await supervisor.supervise(record)
 
-            return await play_many(one, task_ids, config.concurrency, "rollouts", False)
+            played = await play_many(one, task_ids, config.concurrency, "rollouts", False)
+        return [e for e in played if e is not None], lost
+
+    async def collect_step(
+        self, env: EnvClient, supervisor: Supervisor, step: int, task_ids: list[int]
+    ) -> tuple[list[SupervisedEpisode], int]:
+        """The step's episodes and how many were dropped; collected again (up to
+        COLLECT_ATTEMPTS times) while every one is dropped, then EpisodesLost."""
+        dropped = 0
+        for attempt in range(1, COLLECT_ATTEMPTS + 1):
+            episodes, lost = await self.collect(env, supervisor, task_ids)
+            dropped += len(lost)
+            if episodes:
+                return episodes, dropped
+            log.warning(
+                "step %d: all %d episodes dropped (attempt %d of %d)",
+                step,
+                len(task_ids),
+                attempt,
+                COLLECT_ATTEMPTS,
+            )
+        raise EpisodesLost(
+            f"step {step}: every episode was dropped in each of {COLLECT_ATTEMPTS} attempts; "
+            f"is the env service at {self.config.env_url} up? Last error: {lost[-1]}"
+        )
 
     def imitation(self, record: EpisodeRecord) -> SupervisedEpisode:
         """Off-policy SFT's view of an episode: no teacher, the policy's tokens are targets.
@@ -638,7 +721,9 @@ class Trainer:
                 step = self.step + 1
                 started = time.perf_counter()
                 try:
-                    episodes = await self.collect(env, supervisor, self.task_ids(step, split_size))
+                    episodes, dropped = await self.collect_step(
+                        env, supervisor, step, self.task_ids(step, split_size)
+                    )
                 except TeacherVocabularyChanged:
                     path = self.checkpoint()
                     log.error(
@@ -671,6 +756,7 @@ class Trainer:
                     **labels,
                     "teacher_tokens_total": self.teacher_tokens,
                     "episodes_total": self.episodes_seen,
+                    "episodes_dropped": dropped,
                     "train_success": rollouts.success,
                     "train_avg_turns": rollouts.avg_turns,
                     "train_invalid_rate": rollouts.invalid_rate,
@@ -687,10 +773,13 @@ class Trainer:
                     eval_start = time.perf_counter()
                     row.update(await self.evaluate(config.env_url, diagnosing))
                     row["time_eval_s"] = time.perf_counter() - eval_start
-                if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    self.checkpoint()
+                # The row first: a kill before the checkpoint is complete replays the
+                # step from the checkpoint before (its row is dropped then); the other
+                # way round, a kill between them would lose the row for good.
                 self.log_metrics(row)
                 logged.append(row)
+                if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    self.checkpoint()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", success=f"{rollouts.success:.0%}")
                 if on_step is not None:

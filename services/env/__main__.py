@@ -1,6 +1,7 @@
 """`python -m services.env [--host H] [--port P]`: run the env service under uvicorn.
 
-Other settings come from SAGE_ENV_* environment variables (services/env/settings.py).
+Settings come from SAGE_ENV_* environment variables (services/env/settings.py); a
+flag given overrides its variable.
 """
 
 from __future__ import annotations
@@ -11,23 +12,23 @@ from services.env.settings import EnvSettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = EnvSettings()
     parser = argparse.ArgumentParser(prog="python -m services.env", description=__doc__)
-    parser.add_argument("--host", default=defaults.host, help="bind address (default loopback)")
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--environments", default=defaults.environments)
+    parser.add_argument("--host", help="bind address (default loopback)")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--environments", help="comma-separated names to serve")
     args = parser.parse_args(argv)
     serve_env(args.host, args.port, args.environments)
 
 
-def serve_env(host: str, port: int, environments: str | None = None) -> None:
+def serve_env(
+    host: str | None = None, port: int | None = None, environments: str | None = None
+) -> None:
+    """Serve the env app; each argument given overrides its SAGE_ENV_* setting."""
     from services.env.app import create_app
     from services.http import serve
 
-    overrides = {"host": host, "port": port}
-    if environments:
-        overrides["environments"] = environments
-    settings = EnvSettings(**overrides)
+    given = {"host": host, "port": port, "environments": environments}
+    settings = EnvSettings(**{k: v for k, v in given.items() if v is not None})
     serve(create_app(settings), settings.host, settings.port, settings.log_level)
 
 

@@ -1,6 +1,7 @@
 """`python -m services.teacher --model PATH_OR_ID [--host H] [--port P]`: run the teacher service.
 
-Other settings come from SAGE_TEACHER_* environment variables (services/teacher/settings.py).
+Settings come from SAGE_TEACHER_* environment variables (services/teacher/settings.py);
+a flag given overrides its variable.
 """
 
 from __future__ import annotations
@@ -11,23 +12,22 @@ from services.teacher.settings import TeacherSettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = TeacherSettings()
     parser = argparse.ArgumentParser(prog="python -m services.teacher", description=__doc__)
-    parser.add_argument(
-        "--model", default=defaults.model, help="HF id, local folder, or GGUF folder"
-    )
-    parser.add_argument("--model-name", default=defaults.model_name)
-    parser.add_argument("--gguf-file", default=defaults.gguf_file)
-    parser.add_argument("--dtype", default=defaults.dtype)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--backend", default=defaults.backend, choices=["transformers", "vllm"])
-    parser.add_argument("--host", default=defaults.host, help="bind address (default loopback)")
-    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--model", help="HF id, local folder, or GGUF folder")
+    parser.add_argument("--model-name")
+    parser.add_argument("--gguf-file")
+    parser.add_argument("--dtype")
+    parser.add_argument("--device")
+    parser.add_argument("--backend", choices=["transformers", "vllm"])
+    parser.add_argument("--host", help="bind address (default loopback)")
+    parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
     serve_teacher(**vars(args))
 
 
 def serve_teacher(**overrides: object) -> None:
+    """Serve the teacher app; each override that is not None replaces its
+    SAGE_TEACHER_* setting."""
     from services.http import serve
     from services.teacher.app import create_app
 
