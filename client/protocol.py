@@ -8,11 +8,24 @@ an :class:`ErrorBody`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 API_PREFIX = "/v1"
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number is needed here, not true or false")
+    return value
+
+
+# Request fields take what their JSON Schema says: an integer (3, or 3.0) but not
+# true / false, which pydantic would read as 1 / 0; a boolean only as true / false.
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Bool = StrictBool
+
 
 # Limits shared by services (which enforce them) and clients (which respect them).
 MAX_ACTION_CHARS = 1_000
@@ -67,9 +80,9 @@ class TaskInfo(_Model):
 class CreateSessionRequest(_Model):
     env: str = Field("household", max_length=64)
     split: Split = "train"
-    task_id: int = Field(0, ge=0)
-    seed: int = Field(0, ge=0, le=2**31 - 1, strict=True)  # strict: true/false is no seed
-    max_turns: int | None = Field(None, ge=1, le=1_000, description="Overrides the task's own")
+    task_id: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, le=2**31 - 1)
+    max_turns: Int | None = Field(None, ge=1, le=1_000, description="Overrides the task's own")
 
 
 class StepResult(_Model):
@@ -176,8 +189,10 @@ class ExpertAction(_Model):
 class BatchExpertRequest(_Model):
     """The expert's next action in many sessions in one call (data gathering's hot path)."""
 
-    session_ids: list[str] = Field(..., min_length=1, max_length=MAX_BATCH_STEPS)
-    steps_left: bool = False  # also the expert's remaining steps (costlier; see ExpertAction)
+    session_ids: list[str] = Field(
+        ..., min_length=1, max_length=MAX_BATCH_STEPS, json_schema_extra={"uniqueItems": True}
+    )
+    steps_left: Bool = False  # also the expert's remaining steps (costlier; see ExpertAction)
 
     @model_validator(mode="after")
     def _each_session_once(self) -> BatchExpertRequest:
@@ -240,8 +255,8 @@ class ModelList(_Model):
 class Span(_Model):
     """Half-open [start, end) token positions of a response within a sequence."""
 
-    start: int = Field(..., ge=1)  # position 0 has no prefix to be scored against
-    end: int
+    start: Int = Field(..., ge=1)  # position 0 has no prefix to be scored against
+    end: Int
 
     @model_validator(mode="after")
     def _ordered(self) -> Span:
@@ -251,7 +266,7 @@ class Span(_Model):
 
 
 class ScoredSequence(_Model):
-    input_ids: list[int] = Field(..., min_length=2, max_length=MAX_SEQUENCE_TOKENS)
+    input_ids: list[Int] = Field(..., min_length=2, max_length=MAX_SEQUENCE_TOKENS)
     spans: list[Span] = Field(..., min_length=1)
 
     @model_validator(mode="after")
@@ -266,7 +281,7 @@ class ScoredSequence(_Model):
 
 class ScoreRequest(_Model):
     sequences: list[ScoredSequence] = Field(..., min_length=1, max_length=MAX_SEQUENCES_PER_REQUEST)
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
+    top_k: Int = Field(0, ge=0, le=MAX_TOP_K)
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -296,7 +311,7 @@ class EpisodeTurn(_Model):
 
     observation: str
     admissible_actions: list[str] = Field(default_factory=list)
-    response_ids: list[int] = Field(..., min_length=1)
+    response_ids: list[Int] = Field(..., min_length=1)
     feedback: str = ""
 
 
@@ -312,7 +327,7 @@ class JudgeRequest(_Model):
     """Judge the last turn of each episode (its response, given its feedback)."""
 
     episodes: list[EpisodeSpec] = Field(..., min_length=1, max_length=MAX_SEQUENCES_PER_REQUEST)
-    history: int | None = Field(None, ge=0, description="Turns of history shown; None: all")
+    history: Int | None = Field(None, ge=0, description="Turns of history shown; None: all")
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -330,9 +345,9 @@ class JudgeResponse(_Model):
 class EpisodeRequest(EpisodeSpec):
     """The fused call: score every response token and judge every turn of one episode."""
 
-    judge: bool = True
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
-    history: int | None = Field(None, ge=0, description="Turns of history shown; None: all")
+    judge: Bool = True
+    top_k: Int = Field(0, ge=0, le=MAX_TOP_K)
+    history: Int | None = Field(None, ge=0, description="Turns of history shown; None: all")
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -354,8 +369,8 @@ class LoadModelRequest(_Model):
     gguf_file: str | None = Field(None, max_length=1_024)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
     backend: Literal["transformers", "vllm"] = "transformers"
-    trust_remote_code: bool = False
-    activate: bool = False  # True: swap to it once it is warm
+    trust_remote_code: Bool = False
+    activate: Bool = False  # True: swap to it once it is warm
 
 
 class SwapRequest(_Model):
@@ -369,15 +384,15 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
     model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = Field(16, ge=0, le=4_096)
+    prompt: str | list[Int] | list[str] | list[list[Int]]
+    max_tokens: Int = Field(16, ge=0, le=4_096)
     temperature: float = Field(1.0, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_K)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    echo: Bool = False
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_K)
+    prompt_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_K)
     # vLLM's extension: the next token is chosen among these ids only, and its
     # log-probs are renormalised over them (vLLM: logprobs_mode=processed_logprobs).
-    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_TOP_K)
+    allowed_token_ids: list[Int] | None = Field(None, min_length=1, max_length=MAX_TOP_K)
 
 
 class CompletionLogprobs(_Model):

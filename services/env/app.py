@@ -295,7 +295,7 @@ async def get_service(request: Request) -> EnvService:
 Service = Annotated[EnvService, Depends(get_service)]
 router = APIRouter(prefix=API_PREFIX)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (404, 409, 413, 422, 502, 503)
+    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 422, 502, 503)
 }
 
 

@@ -7,13 +7,15 @@ model and revision that produced it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
@@ -26,6 +28,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
+from starlette.datastructures import Headers
 
 from client.protocol import (
     API_PREFIX,
@@ -38,6 +42,7 @@ from client.protocol import (
     CompletionUsage,
     EpisodeRequest,
     EpisodeResponse,
+    EpisodeTurn,
     ErrorBody,
     JudgeRequest,
     JudgeResponse,
@@ -54,6 +59,7 @@ from client.protocol import (
 )
 from services.http import (
     BodyLimitMiddleware,
+    FastPathMiddleware,
     LatencyMiddleware,
     ServiceError,
     health_router,
@@ -165,7 +171,8 @@ class TeacherService:
         deadline_s: float | None,
     ) -> list[Any]:
         """Queue one request's items for the batcher; map its refusals to HTTP errors."""
-        _check_ids(model, items)
+        _check_size(sum(item.num_tokens for item in items), self.settings.max_request_tokens)
+        _check_ids(model, [item.input_ids for item in items])
         deadline = time.monotonic() + (deadline_s or self.settings.default_deadline_s)
         job = Job(
             key=(model, kind, *options),
@@ -192,17 +199,63 @@ class TeacherService:
             ) from exc
 
 
-def _check_ids(model: LoadedModel, items: list[Any]) -> None:
+def _check_ids(
+    model: LoadedModel, sequences: Iterable[Iterable[int]], what: str = "Token ids"
+) -> None:
+    """422 naming the ids (the first few) that lie outside the model's vocabulary."""
     vocab = model.backend.vocab_size
-    for item in items:
-        ids = item.input_ids
-        if ids and (min(ids) < 0 or max(ids) >= vocab):
+    bad = sorted({t for ids in sequences for t in ids if not 0 <= t < vocab})
+    if bad:
+        raise ServiceError(
+            422,
+            "invalid_token_id",
+            f"{what} must lie in [0, {vocab}) for {model.name}; these do not: {bad[:8]}.",
+            {"vocab_size": vocab, "invalid_ids": bad[:8]},
+        )
+
+
+def _check_size(tokens: int, limit: int, at_least: bool = False) -> None:
+    """413 when a request renders to more tokens than the teacher takes in one request."""
+    if tokens > limit:
+        count = f"at least {tokens}" if at_least else str(tokens)
+        raise ServiceError(
+            413,
+            "too_many_tokens",
+            f"The request renders to {count} tokens; this teacher takes at most {limit} "
+            "per request (SAGE_TEACHER_MAX_REQUEST_TOKENS).",
+            {"tokens": tokens, "max_request_tokens": limit},
+        )
+
+
+def _check_text(texts: Iterable[str]) -> None:
+    """422 for text the tokenizer cannot take: not encodable as UTF-8 (a lone surrogate)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
             raise ServiceError(
                 422,
-                "invalid_token_id",
-                f"Token ids must lie in [0, {vocab}) for {model.name}.",
-                {"vocab_size": vocab},
-            )
+                "invalid_request",
+                f"Text must be encodable as UTF-8; {exc.object[exc.start]!r} at character "
+                f"{exc.start} is not ({exc.reason}).",
+            ) from exc
+
+
+def _episode_texts(task: str, turns: Sequence[EpisodeTurn]) -> Iterator[str]:
+    yield task
+    for turn in turns:
+        yield turn.observation
+        yield turn.feedback
+        yield from turn.admissible_actions
+
+
+def _shown_response_ids(
+    turns: Sequence[EpisodeTurn], history: int | None, ends: Iterable[int]
+) -> int:
+    """Response ids in the context windows that end at turns ``ends``: a floor of the tokens
+    rendering them makes, counted without rendering (windows can overlap a lot)."""
+    before = list(itertools.accumulate((len(turn.response_ids) for turn in turns), initial=0))
+    return sum(before[t + 1] - before[0 if history is None else max(0, t - history)] for t in ends)
 
 
 async def get_service(request: Request) -> TeacherService:
@@ -212,17 +265,22 @@ async def get_service(request: Request) -> TeacherService:
 Service = Annotated[TeacherService, Depends(get_service)]
 
 
-async def get_client_id(
-    client_id: Annotated[str | None, Header(alias=CLIENT_ID_HEADER, max_length=128)] = None,
-) -> str:
+MAX_CLIENT_ID_CHARS = 128
+ClientIdHeader = Annotated[
+    str | None, Header(alias=CLIENT_ID_HEADER, max_length=MAX_CLIENT_ID_CHARS)
+]
+
+
+async def get_client_id(client_id: ClientIdHeader = None) -> str:
     return client_id or "anonymous"
 
 
 ClientId = Annotated[str, Depends(get_client_id)]
 
 
-async def held_model(service: Service) -> AsyncIterator[LoadedModel]:
-    """The active model, held for the whole request so a swap drains it first."""
+@contextmanager
+def hold_model(service: TeacherService) -> Iterator[LoadedModel]:
+    """The active model, held while the block runs so a swap drains it first."""
     try:
         model = service.models.acquire()
     except NoModel as exc:
@@ -235,6 +293,12 @@ async def held_model(service: Service) -> AsyncIterator[LoadedModel]:
         service.models.release(model)
 
 
+async def held_model(service: Service) -> AsyncIterator[LoadedModel]:
+    """The active model, held for the whole request so a swap drains it first."""
+    with hold_model(service) as model:
+        yield model
+
+
 Model = Annotated[LoadedModel, Depends(held_model)]
 _bearer = HTTPBearer(auto_error=False)
 
@@ -243,7 +307,6 @@ async def require_admin(
     service: Service,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    expected = service.settings.admin_token
     if credentials is None:
         raise ServiceError(
             401,
@@ -251,12 +314,20 @@ async def require_admin(
             "Admin routes need a bearer token.",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if expected is None or not secrets.compare_digest(credentials.credentials, expected):
+    if not _is_admin_token(service, credentials.credentials):
         raise ServiceError(403, "forbidden", "The admin token is not valid.")
 
 
+def _is_admin_token(service: TeacherService, token: str) -> bool:
+    expected = service.settings.admin_token
+    # As bytes: compare_digest refuses str with non-ASCII characters.
+    return expected is not None and secrets.compare_digest(
+        token.encode(errors="surrogateescape"), expected.encode(errors="surrogateescape")
+    )
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503, 504)
 }
 router = APIRouter(prefix=API_PREFIX, responses=_ERRORS)
 admin = APIRouter(
@@ -266,26 +337,51 @@ admin = APIRouter(
 
 @router.post("/score", response_model=ScoreResponse)
 async def score(
-    body: ScoreRequest, service: Service, model: Model, client: ClientId
+    body: ScoreRequest, service: Service, client_id: ClientIdHeader = None
 ) -> ScoreResponse:
-    items = [
-        ScoreItem(s.input_ids, [(span.start, span.end) for span in s.spans]) for s in body.sequences
-    ]
-    results = await service.run(
-        model,
-        "score",
-        items,
-        lambda chunk: model.backend.score(chunk, body.top_k),
-        (body.top_k,),
-        client,
-        body.deadline_s,
-    )
-    service.metrics.requests.labels(model.name, "score").inc()
-    return ScoreResponse(
-        model=model.ref,
-        sequences=[SequenceScores(spans=spans) for spans in results],
-        tokens_forwarded=sum(item.num_tokens for item in items),
-    )
+    return await _score(service, body, client_id)
+
+
+async def fast_score(service: TeacherService, body: bytes, headers: Headers) -> Response | None:
+    """/v1/score for FastPathMiddleware: the route's answer to a JSON body that ScoreRequest
+    takes; None (the route answers) for anything else."""
+    client_id = headers.get(CLIENT_ID_HEADER)
+    if headers.get("content-type") != "application/json" or (
+        client_id is not None and len(client_id) > MAX_CLIENT_ID_CHARS
+    ):
+        return None
+    try:
+        request = ScoreRequest.model_validate_json(body)
+    except ValidationError:
+        return None
+    answer = await _score(service, request, client_id)
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+async def _score(
+    service: TeacherService, body: ScoreRequest, client_id: str | None
+) -> ScoreResponse:
+    """The score route's work, shared with its fast path."""
+    with hold_model(service) as model:
+        items = [
+            ScoreItem(s.input_ids, [(span.start, span.end) for span in s.spans])
+            for s in body.sequences
+        ]
+        results = await service.run(
+            model,
+            "score",
+            items,
+            lambda chunk: model.backend.score(chunk, body.top_k),
+            (body.top_k,),
+            client_id or "anonymous",
+            body.deadline_s,
+        )
+        service.metrics.requests.labels(model.name, "score").inc()
+        return ScoreResponse(
+            model=model.ref,
+            sequences=[SequenceScores(spans=spans) for spans in results],
+            tokens_forwarded=sum(item.num_tokens for item in items),
+        )
 
 
 def _verdict(probs: list[float]) -> TurnVerdict:
@@ -297,6 +393,12 @@ def _verdict(probs: list[float]) -> TurnVerdict:
 async def judge(
     body: JudgeRequest, service: Service, model: Model, client: ClientId
 ) -> JudgeResponse:
+    for e in body.episodes:
+        _check_text(_episode_texts(e.task, e.turns))
+    shown = sum(
+        _shown_response_ids(e.turns, body.history, [len(e.turns) - 1]) for e in body.episodes
+    )
+    _check_size(shown, service.settings.max_request_tokens, at_least=True)
     items = [
         JudgeItem(model.renderer.judge_prompt(e.task, e.turns, body.history)) for e in body.episodes
     ]
@@ -326,6 +428,12 @@ async def score_episode(
     With the whole history the episode is one sequence (one forward, judge
     branches inside it); with a window of k turns, one sequence per turn.
     """
+    _check_text(_episode_texts(body.task, body.turns))
+    # One context (whole history) or one per turn (a window): refused before rendering
+    # when their response ids alone are over the limit.
+    ends = [len(body.turns) - 1] if body.history is None else range(len(body.turns))
+    shown = _shown_response_ids(body.turns, body.history, ends)
+    _check_size(shown, service.settings.max_request_tokens, at_least=True)
     renderer = model.renderer
     contexts = renderer.contexts(body.task, body.turns, body.history)
     items = [
@@ -357,12 +465,26 @@ async def score_episode(
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(service: Service) -> ModelList:
-    return ModelList(models=service.models.infos())
+async def list_models(service: Service, request: Request) -> ModelList:
+    """The loaded models; where a local model lives only for a caller with the admin token.
+
+    The token is read from the header directly, so the route stays open to every caller
+    in the OpenAPI description (it declares no security scheme)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    admin = scheme.lower() == "bearer" and bool(token) and _is_admin_token(service, token)
+    return ModelList(models=service.models.infos(public=not admin))
+
+
+_REFUSALS = {
+    403: "model_not_allowed",
+    404: "model_not_found",
+    409: "conflict",
+    422: "model_unusable",
+}
 
 
 def _refused(exc: ModelRefused) -> ServiceError:
-    code = {403: "model_not_allowed", 409: "conflict", 422: "model_unusable"}[exc.status]
+    code = _REFUSALS[exc.status]
     return ServiceError(exc.status, code, str(exc))
 
 
@@ -397,15 +519,24 @@ async def unload_model(name: str, service: Service) -> Response:
 # --------------------------------------------------------------------------- OpenAI-compatible
 
 
-def _prompts(body: CompletionRequest, model: LoadedModel) -> list[list[int]]:
+def _prompts(body: CompletionRequest, model: LoadedModel, limit: int) -> list[list[int]]:
+    """The prompts as token ids, checked before any work: text encodable as UTF-8, each
+    prompt non-empty, ids (and allowed_token_ids) in the vocabulary, and the prompts
+    with their new tokens within ``limit``."""
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(x, int) for x in prompt):
         prompt = [prompt]
+    _check_text(p for p in prompt if isinstance(p, str))
     prompts = [model.backend.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ServiceError(422, "invalid_request", "Each prompt needs at least one token.")
+    new_tokens = 1 if body.allowed_token_ids is not None else body.max_tokens
+    _check_size(sum(len(p) + new_tokens for p in prompts), limit)
+    _check_ids(model, prompts)
+    if body.allowed_token_ids is not None:
+        _check_ids(model, [body.allowed_token_ids], "allowed_token_ids")
     return prompts
 
 
@@ -421,7 +552,7 @@ async def completions(
     """
     if body.model not in (None, model.name):
         raise ServiceError(404, "model_not_found", f"This teacher serves {model.name!r}.")
-    prompts = _prompts(body, model)
+    prompts = _prompts(body, model, service.settings.max_request_tokens)
     if body.allowed_token_ids is not None and body.max_tokens != 1:
         raise ServiceError(422, "invalid_request", "allowed_token_ids needs max_tokens == 1.")
     k = max(body.logprobs or 0, body.prompt_logprobs or 0)
@@ -506,8 +637,6 @@ async def _choose(
     service: TeacherService, model: LoadedModel, ids: list[int], allowed: list[int], client: str
 ) -> tuple[list[int], list[float], list[dict[str, float]]]:
     """One token among ``allowed``: the likeliest, with log-probs renormalised over them."""
-    if min(allowed) < 0 or max(allowed) >= model.backend.vocab_size:
-        raise ServiceError(422, "invalid_token_id", "allowed_token_ids lie outside the vocabulary.")
     [probs] = await service.run(
         model,
         "judge",
@@ -627,6 +756,11 @@ def create_app(
 
     app = FastAPI(title="SAGE-OPD teacher service", version="1", lifespan=lifespan)
     app.state.service = service
+    # The score route's common case skips FastAPI's per-request work: innermost, so the
+    # error, body limit and latency middleware below still wrap it.
+    app.add_middleware(
+        FastPathMiddleware, handlers={f"{API_PREFIX}/score": partial(fast_score, service)}
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(LatencyMiddleware, histogram=service.metrics.latency)

@@ -3,7 +3,9 @@
 Requests take the active model when they are admitted and hold it until they
 are answered (``in_flight``), so a swap never pulls a model out from under a
 request: the old model drains, then is freed. A load that fails leaves the
-active model as it was. Models load only from allowed directories or hub ids.
+active model as it was. Models load only from allowed directories or hub ids: a
+local source is resolved once, under the admin lock, and the real place that was
+checked is the place loaded.
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ class LoadedModel:
     def ref(self) -> ModelRef:
         return ModelRef(name=self.name, revision=self.revision)
 
-    def info(self, active: bool) -> ModelInfo:
+    def info(self, active: bool, public: bool = False) -> ModelInfo:
+        """What GET /v1/models says of it; ``public``: a local source by its folder's name only."""
+        source = self.source
+        if public and Path(source).is_absolute():  # local sources are resolved, hub ids never are
+            source = Path(source).name
         return ModelInfo(
             name=self.name,
             revision=self.revision,
-            source=self.source,
+            source=source,
             backend=self.backend.kind,
             state=self.state,
             active=active,
@@ -110,20 +116,39 @@ class SourcePolicy:
     def allow_root(self, root: str | Path) -> None:
         self.roots.append(Path(root).resolve())
 
-    def check(self, request: LoadModelRequest) -> None:
-        if request.source in self.ids:
-            return
-        path = Path(request.source)
-        looks_local = path.is_absolute() or request.source.startswith(".") or path.exists()
-        if not looks_local:
-            raise ModelRefused(403, f"hub id {request.source!r} is not in the allowed ids")
-        resolved = path.resolve()  # follows "..", symlinks: the real place decides
-        if not any(resolved.is_relative_to(root) for root in self.roots):
+    def place(self, request: LoadModelRequest, check: bool = True) -> LoadModelRequest:
+        """The request to load: a local source (and its gguf_file) resolved to its real
+        place, which is what is checked (``check``) and then loaded; a hub id as given.
+
+        Raises ModelRefused: 403 outside the allowed roots or ids, 404 when the file
+        system cannot tell where the source is (a name too long, a symlink loop).
+        """
+        resolved = _resolve(request.source)
+        if resolved is None:
+            if check and request.source not in self.ids:
+                raise ModelRefused(403, f"hub id {request.source!r} is not in the allowed ids")
+            return request
+        if check and not any(resolved.is_relative_to(root) for root in self.roots):
             raise ModelRefused(403, f"{request.source!r} is outside the allowed model roots")
+        update = {"source": str(resolved)}
         if request.gguf_file is not None:
-            gguf = (resolved / request.gguf_file).resolve()
-            if not gguf.is_relative_to(resolved):
+            gguf = _resolve(str(resolved / request.gguf_file))
+            if gguf is None or not gguf.is_relative_to(resolved):
                 raise ModelRefused(403, f"gguf_file {request.gguf_file!r} leaves the model folder")
+            update["gguf_file"] = str(gguf.relative_to(resolved))
+        return request.model_copy(update=update)
+
+
+def _resolve(source: str) -> Path | None:
+    """The real place of a local source ("..", symlinks followed), None for a hub id."""
+    path = Path(source)
+    try:
+        if path.is_absolute() or source.startswith(".") or path.exists():
+            return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ModelRefused(404, f"cannot find the model source {source!r}: {reason}") from exc
+    return None
 
 
 def revision_of(request: LoadModelRequest) -> str:
@@ -169,16 +194,19 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ admin
 
-    def infos(self) -> list[ModelInfo]:
-        return [m.info(active=m is self.active) for m in self.models.values()]
+    def infos(self, public: bool = False) -> list[ModelInfo]:
+        return [m.info(active=m is self.active, public=public) for m in self.models.values()]
 
     async def load(self, request: LoadModelRequest, check_policy: bool = True) -> ModelInfo:
-        """Load (and warm) a model beside the active one; swap to it if asked."""
-        if check_policy:
-            self.policy.check(request)
+        """Load (and warm) a model beside the active one; swap to it if asked.
+
+        The source is resolved and checked under the admin lock, and loaded from the
+        resolved place: a symlink re-pointed meanwhile cannot lead outside the roots.
+        """
         async with self._admin:
             if request.name in self.models:
                 raise ModelRefused(409, f"a model named {request.name!r} is already loaded")
+            request = self.policy.place(request, check=check_policy)
             start = time.perf_counter()
             model = await asyncio.to_thread(self._build, request)
             log.info(
@@ -208,6 +236,7 @@ class ModelRegistry:
                 state="warming",
             )
             warm_up(model)
+            model.state = "ready"
         except Exception as exc:
             backend.close()
             raise ModelRefused(422, f"{request.source!r} cannot serve as a teacher: {exc}") from exc

@@ -29,6 +29,10 @@ class TeacherSettings(BaseSettings):
     allowed_ids: list[str] = Field(default_factory=list)
     trust_remote_code: bool = False
     max_body_bytes: int = Field(16 << 20, ge=1024)
+    # Tokens one request may render to (every sequence, judge branch and prompt, plus
+    # the new tokens of completions); more is refused with 413. An episode's branch
+    # mask costs memory with the square of its length, so this bounds it too.
+    max_request_tokens: int = Field(16_384, ge=16)
 
     # Micro-batching.
     batching: bool = True

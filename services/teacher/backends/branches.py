@@ -41,19 +41,34 @@ class BranchLayout:
         return [end - 1 for _, _, end in self.branches]
 
     def additive_mask(self, length: int) -> torch.Tensor:
-        """[length, length] mask: 0 where a query may attend, float32's minimum elsewhere."""
-        allowed_LL = torch.zeros((length, length), dtype=torch.bool)
-        n = self.main_len
-        allowed_LL[:n, :n] = torch.ones((n, n), dtype=torch.bool).tril()
+        """[length, length] float32 mask: 0 where a query may attend, its minimum elsewhere."""
+        return self.write_additive_mask(torch.empty((length, length), dtype=torch.float32))
+
+    def write_additive_mask(self, out_LL: torch.Tensor, rows: int = 256) -> torch.Tensor:
+        """Write the additive mask into ``out_LL`` (any float dtype and device), in place.
+
+        Each position attends to its own run causally (the main sequence from 0, a
+        branch from its start) and a branch also to the main tokens it continues.
+        Those two numbers per position are the whole mask; it is expanded ``rows``
+        rows at a time, so nothing else of size [length, length] is ever made.
+        """
+        length = out_LL.shape[-1]
+        first_L = torch.zeros(length, dtype=torch.long)  # where its causal run starts
+        sees_L = torch.zeros(length, dtype=torch.long)  # main tokens it sees besides
         for visible, start, end in self.branches:
-            allowed_LL[start:end, :visible] = True
-            width = end - start
-            allowed_LL[start:end, start:end] = torch.ones((width, width), dtype=torch.bool).tril()
+            first_L[start:end] = start
+            sees_L[start:end] = visible
         # Padding rows see themselves only, so no row is fully masked.
-        pad = torch.arange(len(self.input_ids), length)
-        allowed_LL[pad, pad] = True
-        mask_LL = torch.zeros((length, length), dtype=torch.float32)
-        return mask_LL.masked_fill(~allowed_LL, torch.finfo(torch.float32).min)
+        first_L[len(self.input_ids) :] = torch.arange(len(self.input_ids), length)
+        first_L, sees_L = first_L.to(out_LL.device), sees_L.to(out_LL.device)
+        keys_L = torch.arange(length, device=out_LL.device)
+        lowest = torch.finfo(out_LL.dtype).min
+        for r in range(0, length, rows):
+            query_R1 = keys_L[r : r + rows, None]
+            allowed_RL = (keys_L >= first_L[r : r + rows, None]) & (keys_L <= query_R1)
+            allowed_RL |= keys_L < sees_L[r : r + rows, None]
+            out_LL[r : r + rows].fill_(lowest).masked_fill_(allowed_RL, 0.0)
+        return out_LL
 
     def position_ids(self, length: int) -> torch.Tensor:
         positions_L = torch.zeros(length, dtype=torch.long)

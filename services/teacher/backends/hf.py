@@ -74,7 +74,7 @@ class TransformersBackend(TeacherBackend):
         self,
         sequences: list[list[int]],
         reads: list[list[int]],
-        attention_mask_BLL: torch.Tensor | None = None,
+        attention_mask_B1LL: torch.Tensor | None = None,
         position_ids_BL: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Forward a right-padded batch; per sequence, log-probs [R, V] at its read positions."""
@@ -87,9 +87,9 @@ class TransformersBackend(TeacherBackend):
         keep = sorted({p for positions in reads for p in positions})
         column = {p: i for i, p in enumerate(keep)}
         kwargs = {}
-        if attention_mask_BLL is not None:
-            # A custom mask is taken as given: additive, [B, 1, L, L].
-            kwargs["attention_mask"] = attention_mask_BLL[:, None].to(self.device, self.model.dtype)
+        if attention_mask_B1LL is not None:
+            # A custom mask is taken as given: additive, on the device, in the model's dtype.
+            kwargs["attention_mask"] = attention_mask_B1LL
             kwargs["position_ids"] = position_ids_BL.to(self.device)
         else:
             kwargs["attention_mask"] = mask_BL.to(self.device)
@@ -167,13 +167,16 @@ class TransformersBackend(TeacherBackend):
             return super().score_episodes(items, top_k, label_ids)
         layouts = [_branch_layout(item) for item in items]
         L = max(len(layout.input_ids) for layout in layouts)
-        mask_BLL = torch.stack([layout.additive_mask(L) for layout in layouts])
+        # The one [L, L] tensor per episode, written in place where the model reads it.
+        mask_B1LL = torch.empty((len(layouts), 1, L, L), dtype=self.model.dtype, device=self.device)
+        for layout, mask_1LL in zip(layouts, mask_B1LL, strict=True):
+            layout.write_additive_mask(mask_1LL[0])
         positions_BL = torch.stack([layout.position_ids(L) for layout in layouts])
         reads = [
             self._score_reads(ScoreItem(i.input_ids, i.spans)) + layout.last_positions()
             for i, layout in zip(items, layouts, strict=True)
         ]
-        rows = self._logprobs_at([x.input_ids for x in layouts], reads, mask_BLL, positions_BL)
+        rows = self._logprobs_at([x.input_ids for x in layouts], reads, mask_B1LL, positions_BL)
         results = []
         for item, layout, r in zip(items, layouts, rows, strict=True):
             n_scored = len(r) - len(layout.branches)
