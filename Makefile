@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test lint format bench demo clean
+.PHONY: install test lint format bench reliability demo clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: install
 	$(BIN)/python benchmarks/linear_teacher_cost.py
 	$(BIN)/python benchmarks/rollout_overlap.py
 	$(BIN)/python benchmarks/train_step_overhead.py
+
+# Load, faults (services and the trainer killed mid-run) and fuzzing, each bounded; a few minutes.
+reliability: install
+	$(BIN)/python benchmarks/reliability.py
 
 demo: install
 	$(BIN)/sage-opd demo

@@ -23,7 +23,10 @@ def _not_a_bool(value: Any) -> Any:
 
 # Request fields take what their JSON Schema says: an integer (3, or 3.0) but not
 # true / false, which pydantic would read as 1 / 0; a boolean only as true / false.
-Int = Annotated[int, BeforeValidator(_not_a_bool)]
+# An optional bounded one is Annotated[int, Field(ge=...), NOT_A_BOOL] | None: bounds
+# given before the validator are what the JSON Schema shows as minimum / maximum.
+NOT_A_BOOL = BeforeValidator(_not_a_bool)
+Int = Annotated[int, NOT_A_BOOL]
 Bool = StrictBool
 
 
@@ -82,7 +85,9 @@ class CreateSessionRequest(_Model):
     split: Split = "train"
     task_id: Int = Field(0, ge=0)
     seed: Int = Field(0, ge=0, le=2**31 - 1)
-    max_turns: Int | None = Field(None, ge=1, le=1_000, description="Overrides the task's own")
+    max_turns: Annotated[int, Field(ge=1, le=1_000), NOT_A_BOOL] | None = Field(
+        None, description="Overrides the task's own"
+    )
 
 
 class StepResult(_Model):
@@ -327,7 +332,9 @@ class JudgeRequest(_Model):
     """Judge the last turn of each episode (its response, given its feedback)."""
 
     episodes: list[EpisodeSpec] = Field(..., min_length=1, max_length=MAX_SEQUENCES_PER_REQUEST)
-    history: Int | None = Field(None, ge=0, description="Turns of history shown; None: all")
+    history: Annotated[int, Field(ge=0), NOT_A_BOOL] | None = Field(
+        None, description="Turns of history shown; None: all"
+    )
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -347,7 +354,9 @@ class EpisodeRequest(EpisodeSpec):
 
     judge: Bool = True
     top_k: Int = Field(0, ge=0, le=MAX_TOP_K)
-    history: Int | None = Field(None, ge=0, description="Turns of history shown; None: all")
+    history: Annotated[int, Field(ge=0), NOT_A_BOOL] | None = Field(
+        None, description="Turns of history shown; None: all"
+    )
     deadline_s: float | None = Field(None, gt=0, le=3_600)
 
 
@@ -388,8 +397,8 @@ class CompletionRequest(BaseModel):
     max_tokens: Int = Field(16, ge=0, le=4_096)
     temperature: float = Field(1.0, ge=0)
     echo: Bool = False
-    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_K)
-    prompt_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_K)
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_K), NOT_A_BOOL] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_K), NOT_A_BOOL] | None = None
     # vLLM's extension: the next token is chosen among these ids only, and its
     # log-probs are renormalised over them (vLLM: logprobs_mode=processed_logprobs).
     allowed_token_ids: list[Int] | None = Field(None, min_length=1, max_length=MAX_TOP_K)
