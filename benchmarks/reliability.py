@@ -50,9 +50,12 @@ from urllib.parse import urlsplit
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # also when imported by a test
+
+from _models import scrape  # noqa: E402
 
 from trainer.stack import free_port, stop_with_parent, wait_ready  # noqa: E402
+from trainer.train import METRICS_FILE, read_metrics  # noqa: E402
 
 MODELS = ROOT / "models" / "tiny"
 BIN = Path(sys.executable).parent
@@ -136,13 +139,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def scrape(url: str) -> dict[str, float]:
-    """A service's /metrics as {series: value}."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    lines = (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
-    return {name: float(value) for name, value in lines}
 
 
 def teacher_service(**settings: object) -> Service:
@@ -363,16 +359,9 @@ def start_trainer(config: Path, log_path: Path) -> subprocess.Popen:
 
 
 def metrics_rows(out_dir: Path) -> list[dict]:
-    path = out_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line being written
-    return rows
+    """The run's rows so far (a line being written is left out, as a resume does)."""
+    path = out_dir / METRICS_FILE
+    return read_metrics(path) if path.exists() else []
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.1) -> bool:

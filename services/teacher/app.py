@@ -468,10 +468,10 @@ async def score_episode(
 async def list_models(service: Service, request: Request) -> ModelList:
     """The loaded models; where a local model lives only for a caller with the admin token.
 
-    The token is read from the header directly, so the route stays open to every caller
-    in the OpenAPI description (it declares no security scheme)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    admin = scheme.lower() == "bearer" and bool(token) and _is_admin_token(service, token)
+    The token is read by calling the bearer scheme here, not as a dependency, so the
+    route stays open to every caller in the OpenAPI description."""
+    credentials = await _bearer(request)
+    admin = credentials is not None and _is_admin_token(service, credentials.credentials)
     return ModelList(models=service.models.infos(public=not admin))
 
 
