@@ -135,7 +135,10 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
 
     def play(noise: float) -> tuple[list, list[list[int]]]:
         async def run() -> tuple[list, list[list[int]]]:
-            async with EnvClient(url) as env, BatchedGenerator(model, tokenizer, 0) as generator:
+            async with (
+                EnvClient(url) as env,
+                BatchedGenerator(model, tokenizer, temperature=0.0) as generator,
+            ):
                 recording = Recording(generator)
                 policy = ModelPolicy(recording, renderer, None)  # type: ignore[arg-type]
                 played = await gather(
