@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import typer
@@ -285,7 +286,9 @@ def train_command(
 ) -> None:
     """Train a student by OPD or SAGE-OPD against running env and teacher services.
 
-    Resumes from the newest checkpoint in the run's out_dir when there is one.
+    Resumes from the newest checkpoint in the run's out_dir when there is one. Under
+    `torchrun --nproc-per-node N --no-python sage-opd train ...` the student trains on
+    N data-parallel ranks (trainer/distributed.py).
     """
     from trainer.config import TrainConfig, load_config
     from trainer.train import EpisodesLost, TeacherVocabularyChanged, train
@@ -300,7 +303,8 @@ def train_command(
     except EpisodesLost as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(_result_lines(rows))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        typer.echo(_result_lines(rows))
 
 
 def _result_lines(rows: list[dict]) -> str:

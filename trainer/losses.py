@@ -114,17 +114,25 @@ def turn_scores(
     return i_T * c_T
 
 
-def token_weights(s_T: torch.Tensor, turn_N: torch.Tensor, switches: LossSwitches) -> torch.Tensor:
+def token_weights(
+    s_T: torch.Tensor,
+    turn_N: torch.Tensor,
+    switches: LossSwitches,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """w_tj such that the loss is sum_tj w_tj * l_tj: s_t / sum s (or s_t / N_tok).
 
     All zero when no turn is supervised (never 0 / 0). Computed once for a whole
     batch, the weights let the batch be forwarded in pieces with the same loss.
+    ``all_sum``: with the batch split over data-parallel ranks, sums a tensor over
+    them, so that sum s and N_tok are the whole batch's (trainer/distributed.py).
     """
     s_N = s_T[turn_N].float()
-    total = s_N.sum()
+    totals = torch.stack([s_N.sum(), torch.tensor(float(s_N.numel()))])
+    total, n_tok = all_sum(totals) if all_sum is not None else totals
     if total == 0:
         return torch.zeros_like(s_N)
-    return s_N / (total if switches.normalization else float(s_N.numel()))
+    return s_N / (total if switches.normalization else n_tok)
 
 
 def sampled_token_loss(

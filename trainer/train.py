@@ -28,6 +28,7 @@ stops with TeacherVocabularyChanged (the scores could not be read any more).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -60,12 +61,12 @@ from client.teacher import TeacherClient
 from trainer.baselines import play_many
 from trainer.config import LossConfig, TrainConfig
 from trainer.diagnostics import decision_stats
+from trainer.distributed import SINGLE, DataParallel, data_parallel, leave, wrap
 from trainer.evaluate import summarize
 from trainer.losses import (
     FULL_DIVERGENCES,
     LossSwitches,
     TokenTargets,
-    kl_estimate,
     token_losses,
     token_weights,
     turn_scores,
@@ -348,24 +349,37 @@ def train_on_batch(
     batch: Batch,
     config: TrainConfig,
     pad_id: int,
+    data: DataParallel = SINGLE,
 ) -> dict[str, float]:
     """``loss.substeps`` optimizer steps on the batch; returns the step's loss metrics.
 
     The loss is trainer/losses.py's multi_turn_loss, sum_tj w_tj l_tj: the weights come
-    from the whole batch once, the token losses from each piece that is forwarded."""
+    from the whole batch once, the token losses from each piece that is forwarded.
+    Over data-parallel ranks (``data``; ``model`` then DistributedDataParallel) the
+    batch is this rank's share: the weights' denominator and the metrics are summed
+    over the ranks, and each rank's loss is scaled by their number, since DDP averages
+    the gradients it sums: every rank steps with the gradient of the whole batch's loss."""
     switches = switches_of(config.loss)
     s_T = turn_scores(batch.teacher_top1_N, batch.turn_N, batch.labels, switches)
-    w_N = token_weights(s_T, batch.turn_N, switches)
-    skipped = bool(w_N.sum() == 0)
+    w_N = token_weights(s_T, batch.turn_N, switches, data.all_sum)
     targets = batch.targets
+    old_N, teacher_N = targets.old_logprobs_N, targets.teacher_logprobs_N
+    sums = data.all_sum(
+        torch.tensor(
+            [len(batch.turn_N), len(s_T), s_T.sum(), w_N.sum(), (old_N - teacher_N).sum()],
+            dtype=torch.float64,
+        )
+    )
+    tokens, turns, score_sum, weight_sum, gap_sum = sums.tolist()
+    skipped = weight_sum == 0
     metrics: dict[str, float] = {
-        "tokens": float(len(batch.turn_N)),
+        "tokens": tokens,
         "skipped": float(skipped),
-        "mean_turn_score": float(s_T.mean()) if len(s_T) else 0.0,
-        "mean_token_weight": float(w_N.sum()),
+        "mean_turn_score": score_sum / turns if turns else 0.0,
+        "mean_token_weight": weight_sum,
     }
     if switches.divergence != "nll":  # imitation has no teacher to compare with
-        metrics["kl_estimate"] = kl_estimate(targets.old_logprobs_N, targets.teacher_logprobs_N)
+        metrics["kl_estimate"] = gap_sum / tokens if tokens else 0.0
     if skipped:  # no turn is supervised: nothing to learn, never a NaN
         metrics.update(loss=0.0, grad_norm=0.0)
         return metrics
@@ -374,24 +388,44 @@ def train_on_batch(
     bounds = list(itertools.accumulate(trained, initial=0))
     device = next(model.parameters()).device
     full = switches.divergence in FULL_DIVERGENCES
+    pieces: list[list[int]] = _pieces(batch) if batch.contexts else [[]]
     for _ in range(config.loss.substeps):
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for piece in _pieces(batch):
-            start, end = bounds[piece[0]], bounds[piece[-1] + 1]
-            logprobs_N, logprobs_NV = student_token_outputs(
-                model, [batch.contexts[i] for i in piece], pad_id, config.temperature, full
-            )
-            piece_targets = targets.slice(start, end).to(device)
-            l_N = token_losses(logprobs_N, piece_targets, switches, logprobs_NV)
-            piece_loss = (w_N[start:end].to(device) * l_N).sum()
-            piece_loss.backward()
-            total += piece_loss.item()
+        total = torch.zeros((), dtype=torch.float64)
+        for index, piece in enumerate(pieces):
+            # DDP sums gradients at the last backward of the step, not at each piece's.
+            last = index == len(pieces) - 1
+            with contextlib.nullcontext() if last else no_sync(model):
+                if not piece:  # a rank with no trained token still joins the gradient sum
+                    piece_loss = idle_loss(model, pad_id)
+                else:
+                    start, end = bounds[piece[0]], bounds[piece[-1] + 1]
+                    logprobs_N, logprobs_NV = student_token_outputs(
+                        model, [batch.contexts[i] for i in piece], pad_id, config.temperature, full
+                    )
+                    piece_targets = targets.slice(start, end).to(device)
+                    l_N = token_losses(logprobs_N, piece_targets, switches, logprobs_NV)
+                    piece_loss = (w_N[start:end].to(device) * l_N).sum()
+                (piece_loss * data.world).backward()
+            total += piece_loss.detach().double().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
     scheduler.step()
-    metrics.update(loss=total, grad_norm=float(grad_norm))
+    metrics.update(loss=float(data.all_sum(total)), grad_norm=float(grad_norm))
     return metrics
+
+
+def no_sync(model: Any) -> contextlib.AbstractContextManager:
+    """DDP's gradient sum held back (a model alone has nothing to hold back)."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def idle_loss(model: Any, pad_id: int) -> torch.Tensor:
+    """A zero loss through every parameter, for a rank whose share has nothing to train:
+    its backward adds nothing, but DDP's gradient sum needs every rank to take part."""
+    device = next(model.parameters()).device
+    logits = batch_logits(model, {"input_ids": torch.tensor([[pad_id]], device=device)})
+    return logits.sum() * 0.0
 
 
 def label_metrics(episodes: list[SupervisedEpisode]) -> dict[str, float]:
@@ -481,9 +515,12 @@ def save_checkpoint(
 # ----------------------------------------------------------------------------- the run
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, data: DataParallel = SINGLE) -> torch.device:
+    """The device ``name`` says; "auto": this rank's GPU where there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", data.local_rank)
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -492,10 +529,11 @@ class Trainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
-        self.progress = progress
+        self.data = data_parallel()  # rank 0 of 1 unless started by torchrun
+        self.progress = progress and self.data.main
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.device, self.data)
         latest = checkpoint_dirs(self.out_dir)
         source = str(latest[-1]) if latest else config.student
         dtype = getattr(torch, config.dtype)
@@ -515,6 +553,7 @@ class Trainer:
             check_same_vocabulary(fingerprint_of(self.tokenizer), fingerprint_of(policy_tokenizer))
             self.policy = AutoModelForCausalLM.from_pretrained(config.sft_policy, dtype=dtype)
             self.policy.to(self.device).eval()
+        self.trained = wrap(self.model, self.data)  # DDP over several ranks
         self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -534,12 +573,13 @@ class Trainer:
             self.step = state["step"]
             self.teacher_tokens = state.get("teacher_tokens", 0)
             self.episodes_seen = state.get("episodes_seen", 0)
-            self._truncate_metrics(self.step)
             log.info("resuming from %s at step %d", latest[-1], self.step + 1)
-        else:  # a fresh start: what an attempt that left no checkpoint logged is void
-            self._truncate_metrics(-1)
-        (self.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
-        self.writer = _tensorboard(self.out_dir / "tensorboard")
+        self.writer = None
+        if self.data.main:  # rank 0 writes the run's files
+            # A fresh start (step 0): what an attempt that left no checkpoint logged is void.
+            self._truncate_metrics(self.step if latest else -1)
+            (self.out_dir / "config.json").write_text(config.model_dump_json(indent=2))
+            self.writer = _tensorboard(self.out_dir / "tensorboard")
 
     # --- bookkeeping
 
@@ -584,7 +624,7 @@ class Trainer:
     def task_ids(self, step: int, split_size: int) -> list[int]:
         rng = random.Random(f"{self.config.seed}:{step}")
         count = min(self.config.episodes_per_step, split_size)
-        return rng.sample(range(split_size), count)
+        return rng.sample(range(split_size), count)  # the step's, over all ranks
 
     async def collect(
         self, env: EnvClient, supervisor: Supervisor, task_ids: list[int]
@@ -695,7 +735,7 @@ class Trainer:
         self, on_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     ) -> list[dict[str, Any]]:
         """Train until ``config.steps``; ``on_step(row)`` is awaited after each step's log."""
-        config = self.config
+        config, data = self.config, self.data
         logged: list[dict[str, Any]] = []
         async with AsyncExitStack() as stack:
             env = await stack.enter_async_context(EnvClient(config.env_url, max_connections=64))
@@ -708,7 +748,7 @@ class Trainer:
             for index in range(len(teachers)):  # before the first step: same vocabulary?
                 await supervisor.check(index)
             split_size = await env.split_size(config.env, config.train_split)
-            if self.step == 0 and (config.eval_at_start or config.steps == 0):
+            if data.main and self.step == 0 and (config.eval_at_start or config.steps == 0):
                 eval_start = time.perf_counter()
                 first = {"step": 0, **await self.evaluate(config.env_url, diagnosing)}
                 first["time_eval_s"] = time.perf_counter() - eval_start
@@ -721,29 +761,35 @@ class Trainer:
                 step = self.step + 1
                 started = time.perf_counter()
                 try:
-                    episodes, dropped = await self.collect_step(
-                        env, supervisor, step, self.task_ids(step, split_size)
+                    mine, dropped = await self.collect_step(
+                        env, supervisor, step, data.share(self.task_ids(step, split_size))
                     )
                 except TeacherVocabularyChanged:
-                    path = self.checkpoint()
-                    log.error(
-                        "teacher vocabulary changed; checkpoint of step %d at %s", self.step, path
-                    )
+                    if data.main:
+                        path = self.checkpoint()
+                        log.error(
+                            "teacher vocabulary changed; checkpoint of step %d at %s",
+                            self.step,
+                            path,
+                        )
                     raise
                 collected = time.perf_counter()
                 self.model.train()
                 # Off-policy SFT imitates only the episodes its policy won.
-                imitated = [e for e in episodes if e.record.won or config.loss.kind != "sft"]
+                imitated = [e for e in mine if e.record.won or config.loss.kind != "sft"]
                 batch = build_batch(self.renderer, imitated, config)
                 metrics = train_on_batch(
-                    self.model,
+                    self.trained,
                     self.optimizer,
                     self.scheduler,
                     batch,
                     config,
                     self.tokenizer.pad_token_id,
+                    data,
                 )
                 trained = time.perf_counter()
+                episodes = data.gather(mine)  # every rank's, for the step's row
+                dropped = int(data.all_sum(torch.tensor(dropped)))
                 self.step = step
                 self.episodes_seen += len(episodes)
                 labels = label_metrics(episodes)
@@ -768,6 +814,8 @@ class Trainer:
                     "time_collect_s": collected - started,
                     "time_train_s": trained - collected,
                 }
+                if not data.main:
+                    continue
                 last = step == config.steps
                 if last or (config.eval_every and step % config.eval_every == 0):
                     eval_start = time.perf_counter()
@@ -799,5 +847,10 @@ def _tensorboard(folder: Path) -> Any:
 
 
 def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) the training of ``config``; returns the metrics rows logged."""
-    return asyncio.run(Trainer(config, progress).run())
+    """Run (or resume) the training of ``config``; returns the metrics rows logged (by
+    rank 0: other data-parallel ranks return none)."""
+    trainer = Trainer(config, progress)
+    try:
+        return asyncio.run(trainer.run())
+    finally:
+        leave(trainer.data)
