@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test lint format bench reliability demo clean
+.PHONY: install test lint format bench reliability demo compose-test clean
 
 install: $(STAMP)
 
@@ -28,6 +28,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint deploy/*.Dockerfile
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -47,6 +48,12 @@ reliability: install
 
 demo: install
 	$(BIN)/sage-opd demo
+
+# The docker-compose stack built and run for real: a Docker engine (installed and started
+# as root when missing), images on a local Debian base, the demo's training in a container
+# while the teacher is swapped, then down -v. Prints each phase's time.
+compose-test:
+	python3 deploy/compose_test.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
