@@ -69,7 +69,7 @@ def tiny_teacher(folder: Path | None = None, size: str = "tiny") -> Path:
     return path
 
 
-def random_episode(tokenizer, turns: int, seed: int = 0) -> tuple[str, list[EpisodeTurn]]:  # noqa: ANN001
+def random_episode(tokenizer, turns: int, seed: int = 0) -> tuple[str, list[EpisodeTurn]]:
     """A household-like episode of ``turns`` turns with random actions as the responses."""
     rng = random.Random(seed)
     out = []

@@ -54,8 +54,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # also when imported by a 
 
 from _models import scrape  # noqa: E402
 
+from trainer.checkpoints import METRICS_FILE, read_metrics  # noqa: E402
 from trainer.stack import free_port, stop_with_parent, wait_ready  # noqa: E402
-from trainer.train import METRICS_FILE, read_metrics  # noqa: E402
 
 MODELS = ROOT / "models" / "tiny"
 BIN = Path(sys.executable).parent

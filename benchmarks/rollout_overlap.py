@@ -30,11 +30,11 @@ from client.env import EnvClient
 from client.fingerprint import fingerprint_of
 from client.prompts import ChatRenderer
 from client.teacher import TeacherClient
-from trainer.baselines import play_many
 from trainer.config import TrainConfig
+from trainer.episodes import play_many
 from trainer.rollout import BatchedGenerator, run_episode
 from trainer.stack import local_service
-from trainer.train import Supervisor
+from trainer.supervision import Supervisor
 
 
 async def collect(
@@ -44,7 +44,7 @@ async def collect(
     tokenizer,
     tasks: list[int],
     turns: int,
-    pipeline: bool,  # noqa: ANN001
+    pipeline: bool,
 ) -> float:
     config = TrainConfig(student="bench", teacher_urls=[teacher_url], env_url=env_url)
     renderer = ChatRenderer(tokenizer)

@@ -3,7 +3,7 @@
 The same student (the ~5M-parameter random "teacher"-size Llama on the household
 tokenizer) and the same batch: 16 household-like episodes of 10 turns with the
 whole history, their response tokens trained. The trainer's side is
-``trainer.train.train_on_batch`` (turn scores and token weights, forwards in
+``trainer.update.train_on_batch`` (turn scores and token weights, forwards in
 pieces, per-token gathers, PPO-clip loss, clipping, AdamW step), preceded by
 ``build_batch`` (rendering the contexts). The bare side is one transformers
 forward of the same padded contexts, cross-entropy on the same tokens, backward. Both
@@ -27,10 +27,11 @@ from client.protocol import ModelRef
 from trainer.config import LossConfig, TrainConfig
 from trainer.rollout import EpisodeRecord, TurnRecord
 from trainer.sft import IGNORE, collate, make_optimizer
-from trainer.train import SupervisedEpisode, build_batch, train_on_batch
+from trainer.supervision import SupervisedEpisode
+from trainer.update import build_batch, train_on_batch
 
 
-def episodes(tokenizer, count: int, turns: int) -> list[SupervisedEpisode]:  # noqa: ANN001
+def episodes(tokenizer, count: int, turns: int) -> list[SupervisedEpisode]:
     """Episodes as the trainer receives them, with made-up sampling and teacher numbers."""
     rng = random.Random(0)
     out = []

@@ -15,7 +15,7 @@ def serve() -> Iterator[Callable[..., str]]:
     """serve(app) -> base URL of a real uvicorn serving it; stopped after the test."""
     with ExitStack() as stack:
 
-        def start(app) -> str:  # noqa: ANN001
+        def start(app) -> str:
             server: AbstractContextManager[str] = running_server(app)
             return stack.enter_context(server)
 
@@ -43,7 +43,7 @@ def tiny_corpus() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A saved tiny random Llama with a tokenizer fitted to household text (session-wide)."""
     from trainer.config import LlamaShape
     from trainer.models import build_llama, fit_tokenizer, save_model
@@ -54,7 +54,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir_b(tiny_model_dir):  # noqa: ANN001, ANN201
+def tiny_model_dir_b(tiny_model_dir):
     """Another tiny model with the same tokenizer and other weights (for swaps)."""
     from transformers import AutoTokenizer
 

@@ -11,7 +11,7 @@ from trainer.cli import app
 from trainer.stack import local_service
 
 
-def test_env_play_reports_the_experts_success(serve) -> None:  # noqa: ANN001
+def test_env_play_reports_the_experts_success(serve) -> None:
     url = serve(create_app(EnvSettings()))
     result = CliRunner().invoke(
         app,
@@ -32,7 +32,7 @@ def test_env_play_reports_the_experts_success(serve) -> None:  # noqa: ANN001
     assert "expert policy on household/valid_seen: success 100.0% over 6 tasks" in result.output
 
 
-def test_env_play_refuses_an_unknown_policy(serve) -> None:  # noqa: ANN001
+def test_env_play_refuses_an_unknown_policy(serve) -> None:
     url = serve(create_app(EnvSettings()))
     result = CliRunner().invoke(app, ["env", "play", "--url", url, "--policy", "greedy"])
     assert result.exit_code != 0 and "expert or random" in result.output
@@ -45,7 +45,7 @@ def test_python_m_services_env_serves_on_loopback() -> None:
     assert listing["environments"][0]["name"] == "household"
 
 
-def test_python_m_services_teacher_serves_a_model_on_loopback(tiny_model_dir) -> None:  # noqa: ANN001
+def test_python_m_services_teacher_serves_a_model_on_loopback(tiny_model_dir) -> None:
     args = ["--model", str(tiny_model_dir), "--model-name", "tiny"]
     quiet = {"SAGE_TEACHER_LOG_LEVEL": "warning"}
     with local_service("teacher", "services.teacher", args=args, env=quiet) as teacher:
@@ -54,7 +54,7 @@ def test_python_m_services_teacher_serves_a_model_on_loopback(tiny_model_dir) ->
     assert models[0]["name"] == "tiny" and models[0]["active"]
 
 
-def test_up_starts_env_and_teacher_on_loopback_and_stops_them_on_interrupt(tiny_model_dir) -> None:  # noqa: ANN001
+def test_up_starts_env_and_teacher_on_loopback_and_stops_them_on_interrupt(tiny_model_dir) -> None:
     import signal
     import subprocess
     import sys
@@ -125,7 +125,7 @@ def test_a_service_started_by_a_killed_process_stops_too() -> None:
         parent.kill()
 
 
-def test_demo_trains_the_shipped_student_against_the_shipped_teacher(tmp_path) -> None:  # noqa: ANN001
+def test_demo_trains_the_shipped_student_against_the_shipped_teacher(tmp_path) -> None:
     settings = ["steps=1", "episodes_per_step=2", "eval_tasks=3", "max_turns=4"]
     args = ["demo", "--out", str(tmp_path)] + [x for s in settings for x in ("--set", s)]
     result = CliRunner().invoke(app, args)
@@ -135,6 +135,6 @@ def test_demo_trains_the_shipped_student_against_the_shipped_teacher(tmp_path) -
     assert len(list(tmp_path.glob("*/checkpoints/step-000001"))) == 1
 
 
-def test_demo_without_models_says_how_to_make_them(tmp_path) -> None:  # noqa: ANN001
+def test_demo_without_models_says_how_to_make_them(tmp_path) -> None:
     result = CliRunner().invoke(app, ["demo", "--models", str(tmp_path / "none")])
     assert result.exit_code != 0 and "sage-opd prepare" in result.output

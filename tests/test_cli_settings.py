@@ -41,7 +41,7 @@ def test_env_serve_flags_override_the_settings() -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
 
 
-def test_teacher_serve_takes_its_port_model_and_dtype_from_its_settings(tiny_model_dir) -> None:  # noqa: ANN001
+def test_teacher_serve_takes_its_port_model_and_dtype_from_its_settings(tiny_model_dir) -> None:
     port = free_port()
     settings = {
         "SAGE_TEACHER_PORT": str(port),

@@ -38,7 +38,7 @@ def client_port(response: httpx.Response) -> int:
     [lambda: create_env_app(EnvSettings()), lambda: create_teacher_app(TeacherSettings())],
     ids=["env", "teacher"],
 )
-def test_a_500_keeps_the_connection_usable(serve, make_app, caplog) -> None:  # noqa: ANN001
+def test_a_500_keeps_the_connection_usable(serve, make_app, caplog) -> None:
     url = serve(with_failing_route(make_app()))
     with caplog.at_level(logging.ERROR), httpx.Client(base_url=url, timeout=10) as http:
         failed = http.post("/test-only/boom", json={"unused": True})
@@ -77,8 +77,8 @@ ROUTE = {"content-type": "application/json; charset=utf-8"}
     ],
 )
 def test_the_score_fast_path_answers_as_the_route(
-    serve,  # noqa: ANN001
-    tiny_model_dir,  # noqa: ANN001
+    serve,
+    tiny_model_dir,
     body: object,
     headers: dict[str, str],
 ) -> None:

@@ -33,14 +33,14 @@ def fuzz(url: str, max_examples: int) -> str:
     return done.stdout
 
 
-def test_the_env_service_answers_generated_requests_without_internal_errors(serve) -> None:  # noqa: ANN001
+def test_the_env_service_answers_generated_requests_without_internal_errors(serve) -> None:
     output = fuzz(serve(create_env_app(EnvSettings())), max_examples=40)
     assert "[500]" not in output, output
 
 
 def test_the_teacher_service_answers_generated_requests_without_internal_errors(
     serve,
-    tiny_model_dir: Path,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
     settings = TeacherSettings(model=str(tiny_model_dir), admin_token="x")
     output = fuzz(serve(create_teacher_app(settings)), max_examples=30)

@@ -6,19 +6,15 @@ random policy's the floor) and check a deployed env service end to end.
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
-
-from tqdm.auto import tqdm
+from typing import Literal
 
 from client.env import EnvClient
-from client.protocol import Split
+from client.protocol import SessionCreated, Split, StepResult
+from trainer.episodes import Task, play_episode, play_many
 
 Policy = Literal["expert", "random"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,7 +25,31 @@ class EpisodeSummary:
     turns: int
 
 
-async def play_episode(
+@dataclass
+class ReferenceAgent:
+    """The expert (the env service's) or a random admissible action, each turn."""
+
+    policy: Policy
+    rng: random.Random
+    env: EnvClient | None = None
+    session_id: str = ""
+    task_type: str = ""
+
+    async def begin(self, env: EnvClient, session: SessionCreated) -> None:
+        self.env, self.session_id = env, session.session_id
+        self.task_type = session.task.task_type
+
+    async def act(self, state: StepResult) -> str | None:
+        if self.policy == "random":
+            return self.rng.choice(state.admissible_actions)
+        assert self.env is not None
+        return await self.env.expert_action(self.session_id)  # None: already won at reset
+
+    async def after(self, action: str, result: StepResult) -> bool:
+        return False
+
+
+async def play_reference(
     client: EnvClient,
     policy: Policy,
     split: Split,
@@ -38,48 +58,9 @@ async def play_episode(
     seed: int = 0,
 ) -> EpisodeSummary:
     """Play one task to the end with ``policy``; the session is closed afterwards."""
-    rng = random.Random(seed * 1_000_003 + task_id)
-    async with client.open_session(env=env, split=split, task_id=task_id, seed=seed) as created:
-        result = created.first
-        while not result.done:
-            if policy == "expert":
-                action = await client.expert_action(created.session_id)
-                if action is None:  # already won at reset
-                    break
-            else:
-                action = rng.choice(result.admissible_actions)
-            result = await client.step(created.session_id, action)
-    return EpisodeSummary(task_id, created.task.task_type, result.won, result.turn)
-
-
-async def play_many(
-    play: Callable[[int], Awaitable[T]],
-    task_ids: list[int],
-    concurrency: int,
-    desc: str,
-    progress: bool = True,
-) -> list[T]:
-    """``play(task_id)`` for every task, ``concurrency`` at a time, in order, with progress.
-
-    The first failure cancels the episodes still running and is raised.
-    """
-    limit = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(task_ids), desc=desc, disable=not progress, leave=False)
-
-    async def one(task_id: int) -> T:
-        async with limit:
-            result = await play(task_id)
-        bar.update()
-        return result
-
-    tasks = [asyncio.ensure_future(one(t)) for t in task_ids]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        bar.close()
+    agent = ReferenceAgent(policy, random.Random(seed * 1_000_003 + task_id))
+    last = await play_episode(client, Task(env, split, task_id, seed=seed), agent)
+    return EpisodeSummary(task_id, agent.task_type, last.won, last.turn)
 
 
 async def play_split(
@@ -94,7 +75,7 @@ async def play_split(
 ) -> list[EpisodeSummary]:
     """Play every task in ``task_ids``, ``concurrency`` episodes at a time."""
     return await play_many(
-        lambda t: play_episode(client, policy, split, t, env, seed),
+        lambda t: play_reference(client, policy, split, t, env, seed),
         task_ids,
         concurrency,
         f"{policy} on {split}",

@@ -176,8 +176,9 @@ def eval_command(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from client.prompts import ChatRenderer
-    from trainer.evaluate import summarize, teacher_forced
-    from trainer.prepare import env_service, expert_episodes, play_greedy, read_agent_info
+    from trainer.evaluate import play_greedy, summarize, teacher_forced
+    from trainer.models import read_agent_info
+    from trainer.prepare import env_service, expert_episodes
 
     info = read_agent_info(model)
     if not info:
@@ -237,7 +238,8 @@ def diagnose_command(
 
     from client.prompts import ChatRenderer
     from trainer.diagnostics import expert_agreement
-    from trainer.prepare import env_service, read_agent_info
+    from trainer.models import read_agent_info
+    from trainer.prepare import env_service
 
     info = read_agent_info(student)
     tokenizer = AutoTokenizer.from_pretrained(student)

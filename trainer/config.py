@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from client.protocol import MAX_TOP_K
+from client.protocol import MAX_TOP_K, Split
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -24,29 +24,31 @@ class Frozen(BaseModel):
 
 
 class LlamaShape(Frozen):
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
-    max_positions: int = 2048
+    """The shape of a Llama built from scratch (trainer/models.py build_llama)."""
+
+    hidden: int = 64  # width of the residual stream
+    layers: int = 2  # decoder layers
+    heads: int = 4  # attention heads
+    kv_heads: int = 2  # key/value heads (grouped-query attention when fewer than heads)
+    intermediate: int = 128  # width of each MLP
+    max_positions: int = 2048  # the longest context the rotary embedding is set up for
 
 
 class SFTConfig(Frozen):
+    """Supervised fine-tuning (trainer/sft.py): response-only loss, warm-up and cosine."""
+
     epochs: float = 1.0  # passes over the examples (fractions allowed)
     batch_tokens: int = 4096  # padded tokens per optimizer step
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    warmup_steps: int = 20  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    grad_clip: float = 1.0  # the gradient's global norm is clipped to this
     context_weight: float = 0.0  # > 0: also language-model the context tokens (see sft.py)
     # muon: Muon on the hidden layers' matrices, AdamW on embeddings and norms, one lr and
-    # schedule (trainer/muon.py). On the tiny teacher (lr 3e-3, 2k-token batches), 2,586
-    # Muon steps won 63.4% of valid_unseen before DAgger, 4,526 AdamW steps 47.8%; 3,387
-    # Muon steps 76.1%, 82.1% after two DAgger rounds (README, Status).
+    # schedule (trainer/muon.py); docs/models.md compares the two on the tiny teacher.
     optimizer: Literal["adamw", "muon"] = "adamw"
-    seed: int = 0
+    seed: int = 0  # the order of the examples
 
 
 class DataConfig(Frozen):
@@ -56,7 +58,7 @@ class DataConfig(Frozen):
     recovery_tasks: int = 1500  # noisy episodes, each state labelled with the expert's action
     recovery_noise: float = 0.3  # chance per step of a deviation from the expert
     judge_tasks: int = 1500  # noisy episodes whose turns become judge examples
-    judge_noise: float = 0.5
+    judge_noise: float = 0.5  # the same for the judge's episodes
     near_miss: float = 0.5  # share of noisy steps that are near misses (trainer/data.py)
     # Half of the "go to" near misses go to another receptacle type, from those the
     # expert episodes' rooms hold (mostly one the room lacks: "Nothing happens.").
@@ -69,14 +71,14 @@ class DataConfig(Frozen):
     # is labelled with the expert's action, and the teacher is fine-tuned on them.
     dagger_rounds: int = 0
     dagger_tasks: int = 400  # per round, taken in turn from the expert and recovery tasks
-    dagger_noise: float = 0.5
+    dagger_noise: float = 0.5  # chance per step that the teacher acts, not the expert
     # Then rounds in which the warm-started student plays instead (in charge with chance
     # student_dagger_noise per step), its states labelled by the expert, the teacher
     # fine-tuned on them: the teacher learns what to say in the states a weaker agent
     # reaches (its loops after its own wrong thoughts), where it supervises OPD.
     student_dagger_rounds: int = 0
     student_dagger_noise: float = 1.0
-    seed: int = 0
+    seed: int = 0  # the noisy policies' choices
 
     @model_validator(mode="after")
     def _dagger_tasks_exist(self) -> DataConfig:
@@ -94,7 +96,7 @@ class DataConfig(Frozen):
 class PrepareConfig(Frozen):
     """`sage-opd prepare`: the tokenizer, the teacher and the student's warm start."""
 
-    env: str = "household"
+    env: str = "household"  # the environment the data comes from (an env service name)
     history: int | None = 1  # turns of history in every prompt (None: the whole episode)
     show_admissible: bool = True  # list the admissible actions in every observation
     # The expert's responses think while searching ("Thought: apple not here"; see
@@ -103,18 +105,19 @@ class PrepareConfig(Frozen):
     # number: "apple 1 here" / "apple not here"; decision: "apple here" / "apple not
     # here", the number in the action only (the token after the name is the decision).
     thought_style: Literal["number", "decision"] = "number"
-    max_turns: int = 30
-    vocab_size: int = 2048
+    max_turns: int = 30  # turns per episode, in the data and in prepare's evaluation
+    vocab_size: int = 2048  # the fitted BPE tokenizer's
     tokenizer_tasks: int = 600  # train tasks whose text fits the tokenizer
+    # The models' shapes, built from scratch, and the data they are trained on.
     teacher: LlamaShape = LlamaShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)
     student: LlamaShape = LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384)
     data: DataConfig = DataConfig()
-    teacher_sft: SFTConfig = SFTConfig(epochs=2.0)
+    teacher_sft: SFTConfig = SFTConfig(epochs=2.0)  # agent turns plus judge examples
     # Each DAgger round: the round's examples plus as many of the teacher's first ones.
     dagger_sft: SFTConfig = SFTConfig(epochs=1.0, lr=1e-3, warmup_steps=50)
-    student_sft: SFTConfig = SFTConfig(epochs=3.0, lr=2e-3)
+    student_sft: SFTConfig = SFTConfig(epochs=3.0, lr=2e-3)  # the student's warm start
     eval_tasks: int | None = None  # None: every task of each eval split
-    seed: int = 0
+    seed: int = 0  # the models' initial weights (the student's is seed + 1)
 
     def digest(self) -> str:
         """A short hash of every field: the cache key of prepared artifacts."""
@@ -150,7 +153,7 @@ def load_config(model: type[C], path: str | Path | None, overrides: list[str] | 
 
 
 class LossConfig(Frozen):
-    """METHOD.md's loss: standard OPD, or SAGE-OPD with each part switchable."""
+    """docs/method.md's loss: standard OPD, or SAGE-OPD with each part switchable."""
 
     # opd: every switch below is ignored (all off). sft: the off-policy baseline, no
     # teacher service: the student imitates the won episodes of TrainConfig.sft_policy.
@@ -181,42 +184,44 @@ class TrainConfig(Frozen):
     """`sage-opd train`: on-policy distillation of a student through the services."""
 
     student: str  # an HF id or a local folder (e.g. artifacts/prepare-.../student-init)
-    teacher_urls: list[str] = ["http://127.0.0.1:8001"]  # used round-robin, per episode
-    env_url: str = "http://127.0.0.1:8000"
-    env: str = "household"
-    train_split: str = "train"
+    # The services at their default ports; several teacher URLs are used round-robin,
+    # one per episode.
+    teacher_urls: list[str] = ["http://127.0.0.1:8200"]
+    env_url: str = "http://127.0.0.1:8100"
+    env: str = "household"  # the environment to train in (an env service name)
+    train_split: Split = "train"  # the tasks the episodes are drawn from
     history: int | None = None  # turns of history in every prompt (None: the whole episode)
     show_admissible: bool = True  # list the admissible actions in every observation
-    max_turns: int = 30
+    max_turns: int = 30  # turns per episode, in training and evaluation
     # A training episode ends (lost) once this many turns in a row failed (no admissible
     # action, or "Nothing happens."); None: it plays on to max_turns. Evaluation always
     # plays to max_turns.
     end_after_failures: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    max_new_tokens: int = 32
+    temperature: float = Field(1.0, ge=0)  # the student's sampling temperature (0: greedy)
+    max_new_tokens: int = 32  # the longest response
     episodes_per_step: int = Field(16, ge=1)  # one rollout per task, tasks drawn at random
     concurrency: int = 64  # episodes in flight
     steps: int = Field(20, ge=0)  # 0: only the evaluation of the student as it is
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
+    lr: float = 1e-4  # AdamW's peak learning rate
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    grad_clip: float = 1.0  # the gradient's global norm is clipped to this
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
     min_lr_ratio: float = 1.0  # 1.0: a constant learning rate after warm-up
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     eval_at_start: bool = True  # false: no evaluation before the first step (a grid shares one)
-    eval_splits: list[str] = ["valid_seen", "valid_unseen"]
+    eval_splits: list[Split] = ["valid_seen", "valid_unseen"]  # greedy evaluation on these
     eval_tasks: int | None = None  # None: every task of each split
     # At each evaluation, the student's search decisions (trainer/diagnostics.py): how
     # often it says "not here" with the object in view or not, and the teacher's
     # log-probs at up to this many decisions of each kind per split (0: no diagnostics).
     diagnose_decisions: int = Field(64, ge=0)
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    out_dir: str = "runs/default"
+    checkpoint_every: int = 10  # steps between checkpoints (0: only after the last step)
+    keep_checkpoints: int = 2  # the newest this many are kept
+    out_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, TensorBoard events
     device: str = "auto"  # auto: CUDA when present, else CPU
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
-    loss: LossConfig = LossConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the student's weights
+    seed: int = 0  # the tasks of each step and each episode's sampling
+    loss: LossConfig = LossConfig()  # OPD, SAGE-OPD (each part switchable) or off-policy SFT
     sft_policy: str | None = None  # loss.kind sft: the model that plays (e.g. the teacher)
 
     @model_validator(mode="after")

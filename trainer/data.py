@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from client.env import EnvClient
+from client.household import CONTENTS, FOUND, GO, NOTHING_HAPPENS, THOUGHT
 from client.prompts import ChatRenderer, History, agent_response, label_word, parse_action
-from client.protocol import EpisodeTurn, Label
-from trainer.baselines import play_many
+from client.protocol import EpisodeTurn, ExpertAction, Label, SessionCreated, StepResult
+from trainer.episodes import Task, play_episode, play_many
 from trainer.sft import Example
 
 if TYPE_CHECKING:
     from trainer.rollout import BatchedGenerator
 
-NOTHING_HAPPENS = "Nothing happens."
 ThoughtStyle = Literal["number", "decision"]
 
 
@@ -96,42 +96,80 @@ async def play_with_expert(
     as lived: its own turns as it wrote them (``Step.said``), as in an evaluation,
     the expert's as in training.
     """
-    rng = random.Random(f"{seed}:{split}:{task_id}:{noise}")
-    session = env.open_session(env=env_name, split=split, task_id=task_id, max_turns=max_turns)  # type: ignore[arg-type]
-    in_flight = policy.generator.episode(key := object()) if policy else contextlib.nullcontext()
-    async with in_flight, session as created:
-        trajectory = Trajectory(split, task_id, created.task.goal, created.task.task_type)
-        result = created.first
-        advice = await env.expert(created.session_id, steps_left=True)
-        while not result.done:
-            action = advice.action
-            own = said = None
-            if policy is not None:
-                own, said = await policy.act(
-                    trajectory, result.observation, result.admissible_actions, key
-                )
-            if action is None or rng.random() < noise:
-                slip = None
-                if own is not None:
-                    slip = own or None  # an unreadable response: a random action instead
-                elif near_miss > 0 and rng.random() < near_miss:
-                    slip = near_miss_action(action, rng, places)
-                action = slip or rng.choice(result.admissible_actions)
-            step = Step(
-                observation=result.observation,
-                admissible_actions=result.admissible_actions,
-                action=action,
-                expert_action=advice.action,
-                steps_left=advice.steps_left,
-                said=said if own and action == own else None,
+    agent = DeviatingExpert(
+        split,
+        task_id,
+        noise,
+        random.Random(f"{seed}:{split}:{task_id}:{noise}"),
+        near_miss,
+        policy,
+        places,
+    )
+    in_flight = policy.generator.episode(agent.key) if policy else contextlib.nullcontext()
+    async with in_flight:
+        last = await play_episode(env, Task(env_name, split, task_id, max_turns), agent)  # type: ignore[arg-type]
+    assert agent.trajectory is not None
+    agent.trajectory.won = last.won
+    return agent.trajectory
+
+
+@dataclass
+class DeviatingExpert:
+    """The expert's action, or with probability ``noise`` a slip (play_with_expert);
+    it keeps the trajectory with the expert's advice and remaining steps at each state."""
+
+    split: str
+    task_id: int
+    noise: float
+    rng: random.Random
+    near_miss: float
+    policy: ModelPolicy | None
+    places: Sequence[str]
+    key: object = field(default_factory=object)  # the episode in the model's batches
+    trajectory: Trajectory | None = None
+    env: EnvClient | None = None
+    session_id: str = ""
+    advice: ExpertAction | None = None
+    step: Step | None = None
+
+    async def begin(self, env: EnvClient, session: SessionCreated) -> None:
+        task = session.task
+        self.env, self.session_id = env, session.session_id
+        self.trajectory = Trajectory(self.split, self.task_id, task.goal, task.task_type)
+        self.advice = await env.expert(session.session_id, steps_left=True)
+
+    async def act(self, state: StepResult) -> str | None:
+        assert self.trajectory is not None and self.advice is not None
+        action = expert = self.advice.action
+        own = said = None
+        if self.policy is not None:
+            own, said = await self.policy.act(
+                self.trajectory, state.observation, state.admissible_actions, self.key
             )
-            result = await env.step(created.session_id, action)
-            advice = await env.expert(created.session_id, steps_left=True)
-            step.feedback = result.observation
-            step.steps_left_after = 0 if result.won else advice.steps_left
-            trajectory.steps.append(step)
-        trajectory.won = result.won
-    return trajectory
+        if action is None or self.rng.random() < self.noise:
+            slip = None
+            if own is not None:
+                slip = own or None  # an unreadable response: a random action instead
+            elif self.near_miss > 0 and self.rng.random() < self.near_miss:
+                slip = near_miss_action(action, self.rng, self.places)
+            action = slip or self.rng.choice(state.admissible_actions)
+        self.step = Step(
+            observation=state.observation,
+            admissible_actions=state.admissible_actions,
+            action=action,
+            expert_action=expert,
+            steps_left=self.advice.steps_left,
+            said=said if own and action == own else None,
+        )
+        return action
+
+    async def after(self, action: str, result: StepResult) -> bool:
+        assert self.env is not None and self.trajectory is not None and self.step is not None
+        self.advice = await self.env.expert(self.session_id, steps_left=True)
+        self.step.feedback = result.observation
+        self.step.steps_left_after = 0 if result.won else self.advice.steps_left
+        self.trajectory.steps.append(self.step)
+        return False
 
 
 @dataclass(frozen=True)
@@ -153,9 +191,6 @@ class ModelPolicy:
         return parse_action(text) or "", text
 
 
-_GO = re.compile(r"^go to (?P<place>.+) (?P<n>\d+)$")
-
-
 def places_of(trajectories: list[Trajectory]) -> list[str]:
     """The receptacle types the trajectories' "go to" actions name, sorted."""
     return sorted(
@@ -164,7 +199,7 @@ def places_of(trajectories: list[Trajectory]) -> list[str]:
             for trajectory in trajectories
             for step in trajectory.steps
             for action in step.admissible_actions
-            if (go := _GO.match(action))
+            if (go := GO.match(action))
         }
     )
 
@@ -182,7 +217,7 @@ def near_miss_action(
     slip of an agent that recalls a room it has seen before. None when ``action``
     has no number.
     """
-    go = _GO.match(action or "")
+    go = GO.match(action or "")
     if go and len(places) > 1 and rng.random() < 0.5:
         return f"go to {rng.choice([p for p in places if p != go['place']])} {go['n']}"
     numbers = list(re.finditer(r"\d+", action or ""))
@@ -241,19 +276,13 @@ def expert_response(renderer: ChatRenderer, step: Step) -> list[int]:
     return response_ids(renderer, step.expert_action, step.thought)
 
 
-# A receptacle's contents in view: "On the desk 1, you see ..." or "... In it, you see ...".
-_CONTENTS = re.compile(r"(?:On the [^,]+|In it), you see (.*)$")
-# The actions that end a search: taking the object, or using the lamp.
-_FOUND = re.compile(r"^(?:take (?P<take>.+?) (?P<n>\d+) from .+|use (?P<use>.+?) (?P<m>\d+))$")
-
-
 def views_in(observations: Sequence[str]) -> list[str | None]:
     """The receptacle contents in view at each step (None: none), given each step's
     observation: the newest ones listed, still in view after "Nothing happens."."""
     views, view = [], None
     for observation in observations:
         if observation != NOTHING_HAPPENS:
-            contents = _CONTENTS.search(observation)
+            contents = CONTENTS.search(observation)
             view = contents.group(1) if contents is not None else None
         views.append(view)
     return views
@@ -287,7 +316,7 @@ def add_search_thoughts(trajectories: list[Trajectory], style: ThoughtStyle = "n
         views = views_in([step.observation for step in trajectory.steps])
         sought = None  # the object of the expert's next find
         for step, view in zip(reversed(trajectory.steps), reversed(views), strict=True):
-            found = _FOUND.match(step.expert_action or "")
+            found = FOUND.match(step.expert_action or "")
             if found:
                 sought = found["take"] or found["use"]
             step.thought = None
@@ -299,10 +328,6 @@ def add_search_thoughts(trajectories: list[Trajectory], style: ThoughtStyle = "n
                 step.thought = f"{sought} not here"
 
 
-# An expert's thought: "apple 1 here", "apple here" or "apple not here".
-_THOUGHT = re.compile(r"^(?P<sought>.+?) (?:\d+ |not )?here$")
-
-
 def slip_thought(step: Step, style: ThoughtStyle = "number") -> str | None:
     """The thought that a slip's own action implies where the expert had one.
 
@@ -311,11 +336,11 @@ def slip_thought(step: Step, style: ThoughtStyle = "number") -> str | None:
     the context a model meets after its own mistakes. None where the expert had no
     thought, or for a take of anything but the sought object.
     """
-    thought = _THOUGHT.match(step.thought or "")
+    thought = THOUGHT.match(step.thought or "")
     if thought is None:
         return None
     sought = thought["sought"]
-    found = _FOUND.match(step.action or "")
+    found = FOUND.match(step.action or "")
     if found is None:
         return f"{sought} not here"
     if (found["take"] or found["use"]) != sought:

@@ -21,15 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from client.household import DECISION, NOTHING_HAPPENS
 from client.prompts import ChatRenderer
 from client.protocol import EpisodeTurn
 from client.teacher import TeacherClient
-from trainer.data import NOTHING_HAPPENS, ThoughtStyle, views_in
+from trainer.data import ThoughtStyle, views_in
 from trainer.rollout import EpisodeRecord
 
 KINDS = ("in_view", "not_in_view")
-# The first line of a searching response: "Thought: apple 1 here", "apple not here".
-_DECISION = re.compile(r"^Thought: (?P<sought>.+?) (?:\d+ |not )?here\s*$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def decisions_in(episodes: Sequence[EpisodeRecord], tokenizer: Any) -> list[Deci
         views = views_in([turn.observation for turn in episode.turns])
         for t, (turn, view) in enumerate(zip(episode.turns, views, strict=True)):
             text = tokenizer.decode(turn.response_ids, skip_special_tokens=True)
-            match = _DECISION.match(text.split("\n", 1)[0])
+            match = DECISION.match(text.split("\n", 1)[0])
             if match is None:
                 continue
             sought = match["sought"]

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from client.env import EnvClient
 from client.prompts import ChatRenderer, History
-from trainer.rollout import EpisodeRecord
+from trainer.rollout import BatchedGenerator, EpisodeRecord, run_episodes
 
 if TYPE_CHECKING:
     from trainer.data import Trajectory
@@ -121,3 +122,40 @@ def teacher_forced(
         episodes_exact=sum(episode_ok) / max(1, len(trajectories)),
         by_verb={verb: hits[verb] / totals[verb] for verb, _ in totals.most_common()},
     )
+
+
+async def task_count(env: EnvClient, env_name: str, split: str, limit: int | None) -> int:
+    """How many tasks of ``split`` an evaluation plays: all, or the first ``limit``."""
+    size = await env.split_size(env_name, split)
+    return size if limit is None else min(limit, size)
+
+
+async def play_greedy(
+    model: Any,
+    tokenizer: Any,
+    env_url: str,
+    split: str,
+    history: int | None,
+    max_turns: int,
+    limit: int | None = None,
+    progress: bool = True,
+    env_name: str = "household",
+    show_admissible: bool = True,
+) -> list[EpisodeRecord]:
+    """``model``'s greedy episodes on ``split`` (all tasks, or the first ``limit``)."""
+    renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
+    async with EnvClient(env_url, max_connections=64) as env:
+        count = await task_count(env, env_name, split, limit)
+        async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
+            return await run_episodes(
+                env,
+                generator,
+                renderer,
+                split,  # type: ignore[arg-type]
+                list(range(count)),
+                history=history,
+                max_turns=max_turns,
+                concurrency=64,
+                env_name=env_name,
+                progress=progress,
+            )

@@ -1,4 +1,4 @@
-"""The losses of METHOD.md, symbol for symbol: standard multi-turn OPD and SAGE-OPD.
+"""The losses of docs/method.md, symbol for symbol: standard multi-turn OPD and SAGE-OPD.
 
 Shapes: every tensor is flat over the batch's trained tokens (suffix _N), with
 ``turn_N`` saying which turn each token belongs to; per-turn tensors have suffix _T,

@@ -6,14 +6,34 @@ service, the trainer and vLLM load it like a downloaded model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from trainer.config import LlamaShape
+from trainer.config import LlamaShape, PrepareConfig, TrainConfig
+
+AGENT_FILE = "agent.json"  # how a model folder's prompts are rendered, beside its weights
+
+
+def agent_info(config: PrepareConfig | TrainConfig) -> dict[str, Any]:
+    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json."""
+    return {
+        "history": config.history,
+        "show_admissible": config.show_admissible,
+        "max_turns": config.max_turns,
+        "env": config.env,
+    }
+
+
+def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / AGENT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
 
 PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"
 

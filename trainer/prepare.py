@@ -20,7 +20,6 @@ import json
 import logging
 import random
 import shutil
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ import torch
 from client.env import EnvClient
 from client.prompts import ChatRenderer
 from client.protocol import LABELS, Label
-from trainer.config import PrepareConfig, SFTConfig, TrainConfig
+from trainer.config import PrepareConfig, SFTConfig
 from trainer.data import (
     ModelPolicy,
     ThoughtStyle,
@@ -45,13 +44,13 @@ from trainer.data import (
     judge_sequences,
     places_of,
 )
-from trainer.evaluate import summarize, teacher_forced
-from trainer.models import build_llama, fit_tokenizer, save_model
-from trainer.rollout import BatchedGenerator, EpisodeRecord, run_episodes
+from trainer.evaluate import play_greedy, summarize, task_count, teacher_forced
+from trainer.models import AGENT_FILE, agent_info, build_llama, fit_tokenizer, save_model
+from trainer.rollout import BatchedGenerator
 from trainer.sft import Example, batch_logits, collate, sft
+from trainer.timing import timed
 
 log = logging.getLogger(__name__)
-AGENT_FILE = "agent.json"
 
 
 @contextmanager
@@ -79,58 +78,6 @@ def task_ranges(config: PrepareConfig) -> dict[str, list[int]]:
         out[name] = list(range(start, start + n))
         start += n
     return out
-
-
-def agent_info(config: PrepareConfig | TrainConfig) -> dict[str, Any]:
-    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json."""
-    return {
-        "history": config.history,
-        "show_admissible": config.show_admissible,
-        "max_turns": config.max_turns,
-        "env": config.env,
-    }
-
-
-def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / AGENT_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-async def task_count(env: EnvClient, env_name: str, split: str, limit: int | None) -> int:
-    """How many tasks of ``split`` an evaluation plays: all, or the first ``limit``."""
-    size = await env.split_size(env_name, split)
-    return size if limit is None else min(limit, size)
-
-
-async def play_greedy(
-    model: Any,
-    tokenizer: Any,
-    env_url: str,
-    split: str,
-    history: int | None,
-    max_turns: int,
-    limit: int | None = None,
-    progress: bool = True,
-    env_name: str = "household",
-    show_admissible: bool = True,
-) -> list[EpisodeRecord]:
-    """``model``'s greedy episodes on ``split`` (all tasks, or the first ``limit``)."""
-    renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
-    async with EnvClient(env_url, max_connections=64) as env:
-        count = await task_count(env, env_name, split, limit)
-        async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
-            return await run_episodes(
-                env,
-                generator,
-                renderer,
-                split,  # type: ignore[arg-type]
-                list(range(count)),
-                history=history,
-                max_turns=max_turns,
-                concurrency=64,
-                env_name=env_name,
-                progress=progress,
-            )
 
 
 def judge_agreement(
@@ -168,9 +115,12 @@ def train_model(
     progress: bool,
 ) -> tuple[Any, list[dict[str, float]], float]:
     model = build_llama(tokenizer, shape, seed=seed)
-    start = time.perf_counter()
-    history = sft(model, examples, sft_config, tokenizer.pad_token_id, desc=name, progress=progress)
-    return model, history, time.perf_counter() - start
+    took: dict[str, float] = {}
+    with timed("sft_s", took):
+        history = sft(
+            model, examples, sft_config, tokenizer.pad_token_id, desc=name, progress=progress
+        )
+    return model, history, took["sft_s"]
 
 
 def prepare(
@@ -193,17 +143,15 @@ def prepare(
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"config": config.model_dump(mode="json")}
     with env_service(env_url) as url:
-        start = time.perf_counter()
-        trajectories = asyncio.run(_gather_all(config, url, progress))
-        timings["data_s"] = time.perf_counter() - start
+        with timed("data_s", timings):
+            trajectories = asyncio.run(_gather_all(config, url, progress))
         _save_trajectories(building / "data", trajectories)
 
-        start = time.perf_counter()
-        everything = [t for group in trajectories.values() for t in group]
-        tokenizer = fit_tokenizer(corpus(everything), config.vocab_size)
-        renderer = ChatRenderer(tokenizer, show_admissible=config.show_admissible)
-        renderer.label_ids()  # refuse now, not after training, if a label is several tokens
-        timings["tokenizer_s"] = time.perf_counter() - start
+        with timed("tokenizer_s", timings):
+            everything = [t for group in trajectories.values() for t in group]
+            tokenizer = fit_tokenizer(corpus(everything), config.vocab_size)
+            renderer = ChatRenderer(tokenizer, show_admissible=config.show_admissible)
+            renderer.label_ids()  # refuse now, not after training, if a label is several tokens
 
         # The student warms up on a subset of the teacher's agent data (first: it may
         # play DAgger rounds for the teacher).
@@ -235,11 +183,10 @@ def prepare(
             progress,
         )
         if config.data.dagger_rounds or config.data.student_dagger_rounds:
-            start = time.perf_counter()
-            played, dagger_log = _dagger(
-                config, teacher, renderer, teacher_examples, url, progress, student
-            )
-            timings["dagger_s"] = time.perf_counter() - start
+            with timed("dagger_s", timings):
+                played, dagger_log = _dagger(
+                    config, teacher, renderer, teacher_examples, url, progress, student
+                )
             _save_trajectories(building / "data", played)
             trajectories.update(played)
             summary["dagger"] = _dagger_summary(played, dagger_log)
@@ -262,36 +209,35 @@ def prepare(
         summary["teacher"] = _model_summary(teacher, teacher_examples, teacher_log)
         summary["student"] = _model_summary(student, student_examples, student_log)
         if evaluate:
-            start = time.perf_counter()
-            experts = asyncio.run(
-                expert_episodes(
-                    url,
-                    "valid_unseen",
-                    config.eval_tasks,
-                    config.max_turns,
-                    config.env,
-                    config.thoughts,
-                    config.thought_style,
-                )
-            )
-            for name, model in (("teacher", teacher), ("student", student)):
-                forced = teacher_forced(model, renderer, experts, config.history)
-                summary[name]["valid_unseen_forced"] = asdict(forced)
-                played = asyncio.run(
-                    play_greedy(
-                        model,
-                        tokenizer,
+            with timed("eval_s", timings):
+                experts = asyncio.run(
+                    expert_episodes(
                         url,
                         "valid_unseen",
-                        config.history,
-                        config.max_turns,
                         config.eval_tasks,
-                        progress,
-                        show_admissible=config.show_admissible,
+                        config.max_turns,
+                        config.env,
+                        config.thoughts,
+                        config.thought_style,
                     )
                 )
-                summary[name]["valid_unseen"] = summarize("valid_unseen", played).as_dict()
-            timings["eval_s"] = time.perf_counter() - start
+                for name, model in (("teacher", teacher), ("student", student)):
+                    forced = teacher_forced(model, renderer, experts, config.history)
+                    summary[name]["valid_unseen_forced"] = asdict(forced)
+                    played = asyncio.run(
+                        play_greedy(
+                            model,
+                            tokenizer,
+                            url,
+                            "valid_unseen",
+                            config.history,
+                            config.max_turns,
+                            config.eval_tasks,
+                            progress,
+                            show_admissible=config.show_admissible,
+                        )
+                    )
+                    summary[name]["valid_unseen"] = summarize("valid_unseen", played).as_dict()
     summary["timings"] = timings
     (building / "summary.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(out, ignore_errors=True)

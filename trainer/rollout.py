@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from client.env import EnvClient
+from client.household import NOTHING_HAPPENS
 from client.prompts import ChatRenderer, History, parse_action
-from client.protocol import EpisodeTurn, Split
-from trainer.baselines import play_many
-from trainer.data import NOTHING_HAPPENS
+from client.protocol import EpisodeTurn, SessionCreated, Split, StepResult
+from trainer.episodes import Task, play_episode, play_many
 
 
 @dataclass(frozen=True)
@@ -463,47 +463,69 @@ async def run_episode(
     for it) or any async function from prompt ids to a sample.
     ``end_after_failures``: end the episode (lost) once that many turns in a row failed.
     """
-    policy, in_flight = _tracking(policy, env_name, split, task_id)
-    async with (
-        in_flight,
-        env.open_session(env_name, split, task_id, max_turns=max_turns) as created,
-    ):
-        record = EpisodeRecord(split, task_id, created.task.goal, created.task.task_type)
-        result = created.first
-        while not result.done:
-            prompt = renderer.prompt(
-                record.task,
-                record.episode_turns(),
-                result.observation,
-                result.admissible_actions,
-                history,
-            )
-            sample = await policy(prompt)
-            text = renderer.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
-            action = parse_action(text)
-            turn = TurnRecord(
-                observation=result.observation,
-                admissible_actions=result.admissible_actions,
-                prompt_ids=prompt,
-                response_ids=sample.token_ids,
-                sampling_logprobs=sample.logprobs,
-                action=action,
-                admissible=action in result.admissible_actions,
-            )
-            # An unreadable response still costs a turn: the environment sees no action.
-            result = await env.step(created.session_id, action or "")
-            turn.feedback = result.observation
-            last = record.turns[-1] if record.turns else None
-            turn.repeated = last is not None and (last.action, last.feedback) == (
-                turn.action,
-                turn.feedback,
-            )
-            record.turns.append(turn)
-            if end_after_failures and len(record.turns) >= end_after_failures:
-                if all(t.failed for t in record.turns[-end_after_failures:]):
-                    break
-        record.won = result.won
-    return record
+    generate, in_flight = _tracking(policy, env_name, split, task_id)
+    agent = StudentAgent(generate, renderer, split, task_id, history, end_after_failures)
+    async with in_flight:
+        last = await play_episode(env, Task(env_name, split, task_id, max_turns), agent)
+    assert agent.record is not None
+    agent.record.won = last.won
+    return agent.record
+
+
+@dataclass
+class StudentAgent:
+    """A model acting from prompts rendered from its episode so far; it keeps the
+    episode's record (each turn's prompt, sampled tokens and their log-probs)."""
+
+    generate: Policy
+    renderer: ChatRenderer
+    split: Split
+    task_id: int
+    history: History = None
+    end_after_failures: int | None = None
+    record: EpisodeRecord | None = None
+    turn: TurnRecord | None = None
+
+    async def begin(self, env: EnvClient, session: SessionCreated) -> None:
+        task = session.task
+        self.record = EpisodeRecord(self.split, self.task_id, task.goal, task.task_type)
+
+    async def act(self, state: StepResult) -> str | None:
+        assert self.record is not None
+        prompt = self.renderer.prompt(
+            self.record.task,
+            self.record.episode_turns(),
+            state.observation,
+            state.admissible_actions,
+            self.history,
+        )
+        sample = await self.generate(prompt)
+        text = self.renderer.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+        action = parse_action(text)
+        self.turn = TurnRecord(
+            observation=state.observation,
+            admissible_actions=state.admissible_actions,
+            prompt_ids=prompt,
+            response_ids=sample.token_ids,
+            sampling_logprobs=sample.logprobs,
+            action=action,
+            admissible=action in state.admissible_actions,
+        )
+        # An unreadable response still costs a turn: the environment sees no action.
+        return action or ""
+
+    async def after(self, action: str, result: StepResult) -> bool:
+        assert self.record is not None and self.turn is not None
+        turn, turns = self.turn, self.record.turns
+        turn.feedback = result.observation
+        last = turns[-1] if turns else None
+        turn.repeated = last is not None and (last.action, last.feedback) == (
+            turn.action,
+            turn.feedback,
+        )
+        turns.append(turn)
+        k = self.end_after_failures
+        return bool(k) and len(turns) >= k and all(t.failed for t in turns[-k:])
 
 
 async def run_episodes(

@@ -93,7 +93,7 @@ def test_compose_keeps_models_and_runs_on_volumes_and_the_token_out_of_the_file(
 
 
 def test_the_probe_is_healthy_only_while_the_service_is_ready(
-    serve,  # noqa: ANN001
+    serve,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = serve(create_env_app(EnvSettings()))

@@ -52,11 +52,11 @@ def families_rebuilt() -> Iterator[None]:
     get_family.cache_clear()
 
 
-def serve_env(serve, name: str) -> str:  # noqa: ANN001
+def serve_env(serve, name: str) -> str:
     return serve(create_app(EnvSettings(environments=name)))
 
 
-async def play_expert_through_service(client: EnvClient, env: str, split: str, task_id: int):  # noqa: ANN201
+async def play_expert_through_service(client: EnvClient, env: str, split: str, task_id: int):
     """Open a session, follow the expert until the episode ends; (task, last result, moves)."""
     created = await client.create_session(env=env, split=split, task_id=task_id)
     result, moves = created.first, []

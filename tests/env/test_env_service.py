@@ -22,12 +22,12 @@ from trainer.stack import free_port
 FAST_RETRY = RetryPolicy(attempts=1)
 
 
-def make_app(**settings):  # noqa: ANN003, ANN201
+def make_app(**settings):
     return create_app(EnvSettings(**settings))
 
 
 @pytest.fixture
-def url(serve) -> str:  # noqa: ANN001
+def url(serve) -> str:
     return serve(make_app())
 
 
@@ -94,13 +94,13 @@ async def test_stepping_a_finished_episode_is_409(url: str) -> None:
     assert caught.value.status == 409 and caught.value.error.code == "episode_finished"
 
 
-async def test_oversize_body_is_413(serve) -> None:  # noqa: ANN001
+async def test_oversize_body_is_413(serve) -> None:
     url = serve(make_app(max_body_bytes=4096))
     big = {"action": "x" * 5000}
     async with httpx.AsyncClient(base_url=url) as http:
         declared = await http.post("/v1/sessions/any/step", json=big)
 
-        async def chunks():  # noqa: ANN202 - no Content-Length: the bytes are counted
+        async def chunks():  # no Content-Length: the bytes are counted
             for _ in range(10):
                 yield b" " * 1024
 
@@ -140,7 +140,7 @@ async def test_invalid_json_and_bad_create_fields_are_422(url: str) -> None:
     assert [r.status_code for r in (broken, bad_split, negative)] == [422, 422, 422]
 
 
-async def test_session_cap_answers_503_with_retry_after(serve) -> None:  # noqa: ANN001
+async def test_session_cap_answers_503_with_retry_after(serve) -> None:
     url = serve(make_app(max_sessions=2, session_ttl_s=30))
     async with EnvClient(url, retry=FAST_RETRY) as client:
         await client.create_session(task_id=0)
@@ -151,7 +151,7 @@ async def test_session_cap_answers_503_with_retry_after(serve) -> None:  # noqa:
     assert caught.value.retry_after_s is not None and 1 <= caught.value.retry_after_s <= 30
 
 
-async def test_idle_sessions_are_evicted_after_the_ttl(serve) -> None:  # noqa: ANN001
+async def test_idle_sessions_are_evicted_after_the_ttl(serve) -> None:
     url = serve(make_app(session_ttl_s=0.3))
     async with EnvClient(url, retry=FAST_RETRY) as client:
         created = await client.create_session()
@@ -167,7 +167,7 @@ async def test_idle_sessions_are_evicted_after_the_ttl(serve) -> None:  # noqa: 
     assert "sage_env_sessions_evicted_total 1.0" in metrics or "evicted_total 2.0" in metrics
 
 
-async def test_client_retries_through_the_cap_until_a_slot_frees(serve) -> None:  # noqa: ANN001
+async def test_client_retries_through_the_cap_until_a_slot_frees(serve) -> None:
     url = serve(make_app(max_sessions=1, session_ttl_s=0.5))
     retrying = RetryPolicy(attempts=5, initial_wait_s=0.1, max_wait_s=2.0)
     async with EnvClient(url, retry=retrying) as client:
@@ -213,7 +213,7 @@ async def test_batched_step_returns_each_sessions_result_or_error(url: str) -> N
     assert by_id["gone"].status == 404 and by_id["gone"].result is None
 
 
-async def test_sessions_open_and_close_in_batches(serve) -> None:  # noqa: ANN001
+async def test_sessions_open_and_close_in_batches(serve) -> None:
     url = serve(make_app(max_sessions=3))
     requests = [CreateSessionRequest(split="valid_seen", task_id=i) for i in (0, 1, 999, 2, 3)]
     async with EnvClient(url, retry=FAST_RETRY) as client:

@@ -53,7 +53,7 @@ def url(cache: Path) -> Iterator[str]:
         yield base_url
 
 
-async def play_expert(client: EnvClient, env: str, split: str, task_id: int):  # noqa: ANN201
+async def play_expert(client: EnvClient, env: str, split: str, task_id: int):
     """Play the expert to the end. TextWorld's plans use admissible commands only; the
     TextWorldExpress gold paths need not (one opens a cupboard that is already open)."""
     async with client.open_session(env, split, task_id) as created:  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from trainer.models import fit_tokenizer
 
 async def test_openai_compatible_client_scores_equal_the_native_fused_call(
     serve,
-    tiny_model_dir: Path,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
     url = serve(create_app(teacher_settings(tiny_model_dir)))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -28,7 +28,7 @@ DEFAULT_CAP = 16_384  # TeacherSettings.max_request_tokens
 
 
 @pytest.fixture
-def url(serve, tiny_model_dir: Path) -> str:  # noqa: ANN001
+def url(serve, tiny_model_dir: Path) -> str:
     return serve(create_app(teacher_settings(tiny_model_dir)))
 
 
@@ -49,7 +49,7 @@ def refused_for_size(answer: httpx.Response, limit: int) -> ErrorBody:
 # --------------------------------------------------------------------------- 1. the token cap
 
 
-async def test_an_episode_over_the_default_cap_is_refused(serve, tiny_model_dir: Path) -> None:  # noqa: ANN001
+async def test_an_episode_over_the_default_cap_is_refused(serve, tiny_model_dir: Path) -> None:
     # 280 turns render to ~20k tokens with their judge branches (a ~12 KB body).
     url = serve(create_app(teacher_settings(tiny_model_dir)))
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
@@ -60,7 +60,7 @@ async def test_an_episode_over_the_default_cap_is_refused(serve, tiny_model_dir:
 
 async def test_a_windowed_episode_is_refused_before_it_is_rendered(
     serve,
-    tiny_model_dir: Path,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
     # A 40 KB body whose windows would render to ~10M tokens (about 25 s of rendering).
     url = serve(create_app(teacher_settings(tiny_model_dir)))
@@ -88,7 +88,7 @@ async def test_every_route_refuses_requests_over_the_cap(
     serve,
     tiny_model_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
-    route: str,  # noqa: ANN001
+    route: str,
 ) -> None:
     monkeypatch.setenv("SAGE_TEACHER_MAX_REQUEST_TOKENS", "300")
     url = serve(create_app(teacher_settings(tiny_model_dir)))
@@ -106,7 +106,7 @@ async def test_every_route_refuses_requests_over_the_cap(
 async def test_the_cap_counts_every_prompt_and_the_new_tokens_of_completions(
     serve,
     tiny_model_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SAGE_TEACHER_MAX_REQUEST_TOKENS", "300")
     url = serve(create_app(teacher_settings(tiny_model_dir)))
@@ -235,10 +235,10 @@ async def test_a_long_completions_prompt_is_refused_up_front(url: str) -> None:
 # --------------------------------------------------------------------------- 3. admin loads
 
 
-def gated_factory(gate: threading.Event, seen: list[str]):  # noqa: ANN201
+def gated_factory(gate: threading.Event, seen: list[str]):
     """The real backend factory; a load named "slow" waits for ``gate`` (holding the admin lock)."""
 
-    def factory(request: LoadModelRequest):  # noqa: ANN202
+    def factory(request: LoadModelRequest):
         seen.append(request.source)
         if request.name == "slow":
             gate.wait(60)
@@ -251,7 +251,7 @@ async def test_a_symlink_repointed_during_another_load_cannot_leave_the_roots(
     serve,
     tiny_model_dir: Path,
     tiny_model_dir_b: Path,
-    tmp_path: Path,  # noqa: ANN001
+    tmp_path: Path,
 ) -> None:
     outside = shutil.copytree(tiny_model_dir_b, tmp_path / "outside")
     link = tiny_model_dir.parent / f"link-{uuid.uuid4().hex}"
@@ -290,7 +290,7 @@ async def test_a_symlink_repointed_during_another_load_cannot_leave_the_roots(
 async def test_a_load_reads_the_source_it_checked(
     serve,
     tiny_model_dir: Path,
-    tiny_model_dir_b: Path,  # noqa: ANN001
+    tiny_model_dir_b: Path,
 ) -> None:
     link = tiny_model_dir.parent / f"link-{uuid.uuid4().hex}"
     link.symlink_to(tiny_model_dir_b)

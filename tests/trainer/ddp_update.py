@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from client.prompts import ChatRenderer
 from trainer.distributed import data_parallel, leave, wrap
 from trainer.sft import make_optimizer
-from trainer.train import build_batch, train_on_batch
+from trainer.update import build_batch, train_on_batch
 
 
 def main(case_file: str, out_file: str) -> None:

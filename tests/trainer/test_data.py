@@ -64,7 +64,7 @@ def _play(url: str, noise: float, near_miss: float) -> list:
     return asyncio.run(run())
 
 
-def test_noisy_play_deviates_by_near_misses_or_admissible_actions(serve) -> None:  # noqa: ANN001
+def test_noisy_play_deviates_by_near_misses_or_admissible_actions(serve) -> None:
     url = serve(create_env_app(EnvSettings()))
     slips = [s for t in _play(url, noise=1.0, near_miss=1.0) for s in t.steps]
     randoms = [s for t in _play(url, noise=1.0, near_miss=0.0) for s in t.steps]
@@ -79,8 +79,8 @@ def test_noisy_play_deviates_by_near_misses_or_admissible_actions(serve) -> None
 
 
 def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
-    serve,  # noqa: ANN001
-    tiny_model_dir,  # noqa: ANN001
+    serve,
+    tiny_model_dir,
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,10 +126,10 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
         def __init__(self, inner: BatchedGenerator) -> None:
             self.inner, self.prompts = inner, []
 
-        def episode(self, key: object):  # noqa: ANN201
+        def episode(self, key: object):
             return self.inner.episode(key)
 
-        async def generate(self, prompt: list[int], key: object):  # noqa: ANN201
+        async def generate(self, prompt: list[int], key: object):
             self.prompts.append(prompt)
             return await self.inner.generate(prompt, key=key)
 
@@ -197,7 +197,7 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
     assert sum(len(e.spans) for e in labelled) == len(steps)  # nothing else is learnt
 
 
-def branch_view(example, b: int) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def branch_view(example, b: int) -> tuple[list[int], list[int]]:
     """Branch b as the sequence it stands for, and the tokens of it that are learnt."""
     visible, start, end = example.branches[b]
     ids = example.input_ids
@@ -205,7 +205,7 @@ def branch_view(example, b: int) -> tuple[list[int], list[int]]:  # noqa: ANN001
     return ids[:visible] + ids[start:end], learned
 
 
-def _noisy_episodes(serve, tiny_model_dir) -> tuple:  # noqa: ANN001
+def _noisy_episodes(serve, tiny_model_dir) -> tuple:
     """A renderer for the tiny model, and six half-noisy episodes played on a real env service."""
     from transformers import AutoTokenizer
 
@@ -216,8 +216,8 @@ def _noisy_episodes(serve, tiny_model_dir) -> tuple:  # noqa: ANN001
 
 
 def test_slips_stay_in_the_context_but_are_not_language_modelled(
-    serve,  # noqa: ANN001
-    tiny_model_dir,  # noqa: ANN001
+    serve,
+    tiny_model_dir,
 ) -> None:
     from trainer.data import agent_sequences, judge_sequences, response_ids
 
@@ -228,7 +228,7 @@ def test_slips_stay_in_the_context_but_are_not_language_modelled(
     ]
     assert any(slips)
 
-    def quiet(example) -> list[list[int]]:  # noqa: ANN001
+    def quiet(example) -> list[list[int]]:
         return [example.input_ids[start:end] for start, end in example.quiet]
 
     # An agent sequence keeps every turn in its context; the slips are quiet.
@@ -244,8 +244,8 @@ def test_slips_stay_in_the_context_but_are_not_language_modelled(
 
 
 def test_judge_sequences_hold_judge_examples_as_branches_of_one_episode(
-    serve,  # noqa: ANN001
-    tiny_model_dir,  # noqa: ANN001
+    serve,
+    tiny_model_dir,
 ) -> None:
     from trainer.data import judge_examples, judge_sequences
 
@@ -260,8 +260,8 @@ def test_judge_sequences_hold_judge_examples_as_branches_of_one_episode(
 
 
 def test_search_thoughts_say_whether_the_sought_object_is_in_view(
-    serve,  # noqa: ANN001
-    tiny_model_dir,  # noqa: ANN001
+    serve,
+    tiny_model_dir,
 ) -> None:
     from transformers import AutoTokenizer
 
@@ -342,7 +342,7 @@ def test_search_thoughts_say_whether_the_sought_object_is_in_view(
     assert thought_turns >= 12 and slip_takes >= 1 and slip_walks >= 1
 
 
-def test_decision_style_thoughts_leave_the_number_to_the_action(tiny_model_dir) -> None:  # noqa: ANN001
+def test_decision_style_thoughts_leave_the_number_to_the_action(tiny_model_dir) -> None:
     from transformers import AutoTokenizer
 
     from client.prompts import ChatRenderer

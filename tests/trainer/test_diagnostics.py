@@ -20,7 +20,7 @@ COUNTER = "On the countertop 1, you see a apple 2, and a mug 1."
 CABINET = "On the cabinet 1, you see a mug 3."
 
 
-def episode(tokenizer, turns: list[tuple[str, str]]) -> EpisodeRecord:  # noqa: ANN001
+def episode(tokenizer, turns: list[tuple[str, str]]) -> EpisodeRecord:
     """An episode of (observation, response text) turns."""
     record = EpisodeRecord("valid_seen", 0, "put some apple on table.", "pick_and_place")
     for observation, text in turns:
@@ -32,11 +32,11 @@ def episode(tokenizer, turns: list[tuple[str, str]]) -> EpisodeRecord:  # noqa: 
 
 
 @pytest.fixture
-def tokenizer(tiny_model_dir: Path):  # noqa: ANN201
+def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_decisions_are_search_thoughts_of_two_kinds(tokenizer) -> None:  # noqa: ANN001
+def test_decisions_are_search_thoughts_of_two_kinds(tokenizer) -> None:
     record = episode(
         tokenizer,
         [
@@ -60,16 +60,16 @@ def test_decisions_are_search_thoughts_of_two_kinds(tokenizer) -> None:  # noqa:
     assert head == "Thought: apple"
 
 
-def test_the_decision_style_thought_is_read_too(tokenizer) -> None:  # noqa: ANN001
+def test_the_decision_style_thought_is_read_too(tokenizer) -> None:
     record = episode(tokenizer, [(COUNTER, "Thought: apple here\nAction: take apple 2 from x")])
     [decision] = decisions_in([record], tokenizer)
     assert decision.kind == "in_view" and not decision.said_not
 
 
 async def test_teacher_logprobs_are_those_of_its_own_forward_at_the_decision(
-    serve,  # noqa: ANN001
+    serve,
     tiny_model_dir: Path,
-    tokenizer,  # noqa: ANN001
+    tokenizer,
 ) -> None:
     record = episode(
         tokenizer,

@@ -17,9 +17,12 @@ from client.env import EnvClient
 from client.fingerprint import fingerprint_of
 from client.prompts import ChatRenderer
 from client.teacher import TeacherClient
+from trainer.checkpoints import checkpoint_dirs
 from trainer.config import LossConfig, TrainConfig
 from trainer.losses import turn_scores
-from trainer.train import Supervisor, Trainer, build_batch, checkpoint_dirs, switches_of
+from trainer.supervision import Supervisor, switches_of
+from trainer.train import Trainer
+from trainer.update import build_batch
 
 from .ddp_update import main as update_alone
 from .test_train import rows, small_config, stack  # noqa: F401  (the fixture)

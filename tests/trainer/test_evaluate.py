@@ -18,7 +18,7 @@ from trainer.prepare import expert_episodes
 from trainer.sft import sft
 
 
-def test_teacher_forced_scores_each_turn_of_the_experts_episodes(serve) -> None:  # noqa: ANN001
+def test_teacher_forced_scores_each_turn_of_the_experts_episodes(serve) -> None:
     url = serve(create_env_app(EnvSettings()))
     episodes = asyncio.run(expert_episodes(url, "valid_unseen", 2, 30))
     assert [e.split for e in episodes] == ["valid_unseen"] * 2 and all(e.won for e in episodes)

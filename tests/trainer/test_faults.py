@@ -36,18 +36,19 @@ from services.http import running_server
 from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
 from tests.trainer.test_train import rows, small_config
+from trainer.checkpoints import METRICS_FILE, checkpoint_dirs
 from trainer.rollout import BatchedGenerator, run_episodes
 from trainer.stack import free_port, stop_with_parent, wait_ready
-from trainer.train import METRICS_FILE, Trainer, checkpoint_dirs, train
+from trainer.train import Trainer, train
 
 
 @pytest.fixture
-def teacher_url(serve, tiny_model_dir_b: Path) -> str:  # noqa: ANN001
+def teacher_url(serve, tiny_model_dir_b: Path) -> str:
     return serve(create_teacher_app(TeacherSettings(model=str(tiny_model_dir_b), max_wait_ms=2.0)))
 
 
 @pytest.fixture
-def stack(serve, teacher_url: str) -> dict[str, str]:  # noqa: ANN001
+def stack(serve, teacher_url: str) -> dict[str, str]:
     return {"env": serve(create_env_app(EnvSettings())), "teacher": teacher_url}
 
 
@@ -57,7 +58,7 @@ def tiny(model_dir: Path) -> tuple:
     ).eval()
 
 
-async def finishes(coroutine, within_s: float):  # noqa: ANN001, ANN201
+async def finishes(coroutine, within_s: float):
     """Await ``coroutine`` in a task; fail the test (not hang it) if it is not done in time."""
     task = asyncio.ensure_future(coroutine)
     done, _ = await asyncio.wait({task}, timeout=within_s)
@@ -92,7 +93,7 @@ async def test_the_generator_stops_when_cancelled_just_as_an_episode_ends(
 
 
 async def test_an_episodes_samples_do_not_depend_on_the_episodes_batched_with_it(
-    serve,  # noqa: ANN001
+    serve,
     tiny_model_dir: Path,
 ) -> None:
     url = serve(create_env_app(EnvSettings()))
@@ -303,7 +304,7 @@ def assert_same_rows(got: list[dict], expected: list[dict]) -> None:
 def test_a_run_killed_while_writing_a_checkpoint_resumes_and_logs_what_an_unbroken_run_does(
     stack: dict[str, str], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    def config_for(name: str):  # noqa: ANN202
+    def config_for(name: str):
         return small_config(
             stack, tiny_model_dir, tmp_path / name, steps=4, checkpoint_every=2, eval_tasks=2
         )
@@ -334,7 +335,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_and_logs_what_an_unbrok
 # ----------------------------------------------------------------------------- the contract
 
 
-async def test_a_boolean_seed_is_refused(serve) -> None:  # noqa: ANN001
+async def test_a_boolean_seed_is_refused(serve) -> None:
     url = serve(create_env_app(EnvSettings()))
     async with httpx.AsyncClient(base_url=url) as http:
         refused = [await http.post("/v1/sessions", json={"seed": flag}) for flag in (False, True)]

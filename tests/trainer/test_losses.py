@@ -1,4 +1,4 @@
-"""The losses against values computed by hand on small tensors (METHOD.md, symbol for symbol)."""
+"""The losses against values computed by hand on small tensors (docs/method.md's symbols)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TOP1 = [0.8, 0.6, 0.9]  # teacher's top-1 probability
 A = [t - s for t, s in zip(TEACHER, STUDENT, strict=True)]  # 0.5, -1.0, 0.4
 
 
-def run(labels: list[str], switches: LossSwitches, student: list[float] = STUDENT):  # noqa: ANN201
+def run(labels: list[str], switches: LossSwitches, student: list[float] = STUDENT):
     logprobs = torch.tensor(student, requires_grad=True)
     out = multi_turn_loss(
         logprobs,

@@ -63,7 +63,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared) -> None:  # noqa: ANN001
+def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared) -> None:
     folder, output = prepared
     summary = json.loads((folder / "summary.json").read_text())
     for name in ("teacher", "student-init"):
@@ -111,14 +111,14 @@ def test_prepare_writes_the_teacher_the_student_the_data_and_a_summary(prepared)
     assert "valid_unseen, teacher-forced on the expert's episodes" in output
 
 
-def test_a_second_prepare_with_the_same_config_reuses_the_cache(prepared) -> None:  # noqa: ANN001
+def test_a_second_prepare_with_the_same_config_reuses_the_cache(prepared) -> None:
     folder, output = prepared
     first, second = output.split("artifacts: ")[1:]
     assert first.split(" ")[0] == second.split(" ")[0] == str(folder)
     assert float(second.split("(")[1].split("s this call")[0]) < 10
 
 
-def test_the_prepared_teacher_serves_scores_in_the_teacher_service(prepared, serve) -> None:  # noqa: ANN001
+def test_the_prepared_teacher_serves_scores_in_the_teacher_service(prepared, serve) -> None:
     folder, _ = prepared
     url = serve(create_teacher_app(TeacherSettings(model=str(folder / "teacher"))))
 
@@ -133,7 +133,7 @@ def test_the_prepared_teacher_serves_scores_in_the_teacher_service(prepared, ser
     assert httpx.get(f"{url}/readyz").status_code == 200
 
 
-def test_eval_prints_success_and_the_teacher_forced_score(prepared, serve, tmp_path: Path) -> None:  # noqa: ANN001
+def test_eval_prints_success_and_the_teacher_forced_score(prepared, serve, tmp_path: Path) -> None:
     folder, _ = prepared
     url = serve(create_env_app(EnvSettings()))
     args = ["eval", "--model", str(folder / "teacher"), "--limit", "2", "--env-url", url]
@@ -172,7 +172,7 @@ def test_config_overrides_are_typed_and_unknown_keys_refused(tmp_path: Path) -> 
 
 def test_prepare_refuses_more_tasks_than_the_train_split_has_before_gathering(
     tmp_path: Path, serve
-) -> None:  # noqa: ANN001
+) -> None:
     from trainer.prepare import prepare
 
     url = serve(create_env_app(EnvSettings()))

@@ -42,7 +42,7 @@ def test_one_sage_step_with_smollm2_on_a_real_environment(
     serve,
     smollm2_dir: Path,
     tmp_path: Path,
-    env: str,  # noqa: ANN001
+    env: str,
 ) -> None:
     if importlib.util.find_spec(ENVIRONMENTS[env]) is None:
         pytest.skip(f"{ENVIRONMENTS[env]} is not installed (extra: {ENVIRONMENTS[env]})")

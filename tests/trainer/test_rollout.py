@@ -21,7 +21,7 @@ from trainer.rollout import BatchedGenerator, run_episodes
 async def test_recomputed_logprobs_of_sampled_tokens_match_the_sampling_logprobs(
     serve,
     tiny_model_dir: Path,
-    history: int | None,  # noqa: ANN001
+    history: int | None,
 ) -> None:
     url = serve(create_app(EnvSettings()))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -59,7 +59,7 @@ async def test_recomputed_logprobs_of_sampled_tokens_match_the_sampling_logprobs
 
 async def test_a_random_model_rarely_names_admissible_actions_and_the_summary_says_so(
     serve,
-    tiny_model_dir: Path,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
     url = serve(create_app(EnvSettings()))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -80,7 +80,7 @@ async def test_a_random_model_rarely_names_admissible_actions_and_the_summary_sa
 
 async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the_cost(
     serve,
-    tiny_model_dir: Path,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
     url = serve(create_app(EnvSettings()))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -150,7 +150,7 @@ async def test_a_prompt_left_unanswered_fails_loudly(tiny_model_dir: Path) -> No
 
 
 async def test_a_training_episode_ends_after_the_given_failures_in_a_row(
-    serve,  # noqa: ANN001
+    serve,
     tiny_model_dir: Path,
 ) -> None:
     from trainer.rollout import Sample, run_episode

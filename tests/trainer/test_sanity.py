@@ -41,7 +41,7 @@ def one_step(env: str, teacher: str, student: Path, out: Path, loss: LossConfig)
 
 @pytest.mark.parametrize("divergence", ["sampled", "reverse_kl", "forward_kl"])
 def test_a_student_equal_to_its_teacher_gets_zero_advantage_and_zero_gradient(
-    serve,  # noqa: ANN001
+    serve,
     tiny_model_dir: Path,
     tiny_model_dir_b: Path,
     tmp_path: Path,
@@ -82,7 +82,7 @@ def damaged_copy(teacher: Path, out: Path, scale: float, seed: int = 0) -> Path:
     return folder
 
 
-def test_opd_repairs_a_damaged_copy_of_its_teacher(serve, tmp_path: Path) -> None:  # noqa: ANN001
+def test_opd_repairs_a_damaged_copy_of_its_teacher(serve, tmp_path: Path) -> None:
     """The damaged student's KL to the teacher on its own samples falls and its success
     rises: the trainer can improve a student at all."""
     teacher = SHIPPED / "teacher"

@@ -116,7 +116,7 @@ def test_a_branch_cannot_learn_its_first_token() -> None:
 
 
 def repeated_batch_losses(
-    model,  # noqa: ANN001
+    model,
     examples: list[Example],
     pad_id: int,
     lr: float,

@@ -16,16 +16,17 @@ from services.env.app import create_app as create_env_app
 from services.env.settings import EnvSettings
 from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
+from trainer.checkpoints import METRICS_FILE, checkpoint_dirs
 from trainer.config import LlamaShape, LossConfig, TrainConfig
-from trainer.models import build_llama, fit_tokenizer, save_model
-from trainer.prepare import read_agent_info
-from trainer.train import METRICS_FILE, TeacherVocabularyChanged, Trainer, checkpoint_dirs, train
+from trainer.models import build_llama, fit_tokenizer, read_agent_info, save_model
+from trainer.supervision import TeacherVocabularyChanged
+from trainer.train import Trainer, train
 
 TOKEN = "train-test-token"
 
 
 @pytest.fixture
-def stack(serve, tiny_model_dir: Path, tiny_model_dir_b: Path) -> dict[str, str]:  # noqa: ANN001
+def stack(serve, tiny_model_dir: Path, tiny_model_dir_b: Path) -> dict[str, str]:
     """An env service and a teacher service serving tiny-b (tiny is the student)."""
     teacher = TeacherSettings(
         model=str(tiny_model_dir_b),
@@ -40,7 +41,7 @@ def stack(serve, tiny_model_dir: Path, tiny_model_dir_b: Path) -> dict[str, str]
     }
 
 
-def small_config(stack: dict[str, str], student: Path, out: Path, **changes) -> TrainConfig:  # noqa: ANN003
+def small_config(stack: dict[str, str], student: Path, out: Path, **changes) -> TrainConfig:
     values = {
         "student": str(student),
         "teacher_urls": [stack["teacher"]],
@@ -186,7 +187,7 @@ def other_vocabulary_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_a_swap_to_another_vocabulary_stops_the_run_after_a_checkpoint(
-    serve,  # noqa: ANN001
+    serve,
     tiny_model_dir: Path,
     other_vocabulary_model: Path,
     tmp_path: Path,

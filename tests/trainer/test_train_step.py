@@ -11,24 +11,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.prompts import ChatRenderer, agent_response
 from client.protocol import ModelRef
-from trainer import train as train_module
+from trainer import update as update_module
 from trainer.config import LossConfig, TrainConfig
 from trainer.losses import multi_turn_loss
 from trainer.rollout import BatchedGenerator, EpisodeRecord, TurnRecord
 from trainer.sft import Example, make_optimizer
-from trainer.train import (
-    SupervisedEpisode,
-    build_batch,
-    forced_label,
-    student_token_outputs,
-    switches_of,
-    train_on_batch,
-)
+from trainer.supervision import SupervisedEpisode, forced_label, switches_of
+from trainer.update import build_batch, student_token_outputs, train_on_batch
 
 
 def turn(
     tokenizer, action: str | None, admissible: bool = True, feedback: str = "ok"
-) -> TurnRecord:  # noqa: ANN001
+) -> TurnRecord:
     ids = tokenizer.encode(agent_response(action or "???"), add_special_tokens=False)
     ids.append(tokenizer.eos_token_id)
     return TurnRecord(
@@ -56,7 +50,7 @@ def test_forced_strong_rules() -> None:
     assert forced_label(repeated, repeated_is_strong=True)
 
 
-def supervised(tokenizer, labels: list[str], top_k: int = 0) -> SupervisedEpisode:  # noqa: ANN001
+def supervised(tokenizer, labels: list[str], top_k: int = 0) -> SupervisedEpisode:
     record = EpisodeRecord("train", 0, "put a mug in cabinet.", "pick_and_place")
     record.turns = [turn(tokenizer, "look"), turn(tokenizer, "go to cabinet 2")]
     vocab = len(tokenizer)
@@ -82,7 +76,7 @@ def supervised(tokenizer, labels: list[str], top_k: int = 0) -> SupervisedEpisod
     )
 
 
-def setup(tiny_model_dir: Path, lr: float = 1e-3):  # noqa: ANN201
+def setup(tiny_model_dir: Path, lr: float = 1e-3):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     optimizer = make_optimizer(model, lr, 0.0)
@@ -131,14 +125,14 @@ def test_forwarding_in_pieces_gives_the_gradient_of_one_forward(
     batch = build_batch(ChatRenderer(tokenizer), episodes, config)
     grads = []
     for limit in (1_000_000, 1):  # one piece, then one context per piece
-        monkeypatch.setattr(train_module, "MAX_FORWARD_TOKENS", limit)
+        monkeypatch.setattr(update_module, "MAX_FORWARD_TOKENS", limit)
         _, model, optimizer, scheduler = setup(tiny_model_dir, lr=0.0)  # gradients only
         model.train()
         train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
         grads.append(
             torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         )
-    assert len(train_module._pieces(batch)) == len(batch.contexts) == 2
+    assert len(update_module._pieces(batch)) == len(batch.contexts) == 2
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
@@ -202,7 +196,7 @@ def test_the_step_applies_multi_turn_loss(
         supervised(tokenizer, ["Strong", "Skip"], top_k=4),
     ]
     batch = build_batch(ChatRenderer(tokenizer), episodes, config)
-    monkeypatch.setattr(train_module, "MAX_FORWARD_TOKENS", 1)  # a piece per context
+    monkeypatch.setattr(update_module, "MAX_FORWARD_TOKENS", 1)  # a piece per context
     _, model, optimizer, scheduler = setup(tiny_model_dir, lr=0.0)
     model.train()
     metrics = train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)

@@ -15,7 +15,7 @@ __all__ = ["HouseholdEnvironment", "HouseholdEpisode", "task_combination"]
 
 
 class HouseholdEnvironment(EnvironmentFamily):
-    """ALFWorld's six task types in small numbered-receptacle rooms; see ENVIRONMENTS.md."""
+    """ALFWorld's six task types in small numbered-receptacle rooms; see docs/environments.md."""
 
     name = "household"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+from client.household import NOTHING_HAPPENS
 from services.env.base import Episode, StepOutcome, TaskSpec
 from services.env.household.catalog import (
     APPLIANCE_FOR_VERB,
@@ -27,7 +28,6 @@ from services.env.household.catalog import (
 )
 from services.env.household.expert import next_expert_action
 
-NOTHING_HAPPENS = "Nothing happens."
 WELCOME = "-= Welcome to TextWorld, ALFRED! =-"
 MAX_TURNS = 30
 
