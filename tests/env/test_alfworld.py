@@ -34,7 +34,7 @@ from services.env.app import create_app  # noqa: E402
 from services.env.registry import get_family  # noqa: E402
 from services.env.settings import EnvSettings  # noqa: E402
 
-GAMES_PER_TYPE = 4
+GAMES_PER_TYPE = 2
 ONE_TRY = RetryPolicy(attempts=1)
 
 
