@@ -96,13 +96,23 @@ def engine() -> None:
 
 
 def host_pip() -> dict[str, str]:
-    """What pip on this machine needs that a fresh image lacks: its CA bundle and the
-    wheels it finds locally (PyTorch's CPU build). Empty where pip needs neither."""
+    """What pip on this machine needs that a fresh image lacks: its CA bundle (pip's
+    `cert`, else the system's) and the wheels it finds locally (PyTorch's CPU build),
+    read from pip's environment variables or its configuration files."""
+    settings = dict(os.environ.items())
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
+    for line in listed.splitlines():  # global.cert='/etc/ssl/...'
+        key, _, value = line.partition("=")
+        name = "PIP_" + key.rsplit(".", 1)[-1].upper().replace("-", "_")
+        settings.setdefault(name, value.strip("'\""))
     found = {}
-    cert = os.environ.get("PIP_CERT")
-    if cert and Path(cert).is_file():
-        found["cert"] = cert
-    links = [p for p in os.environ.get("PIP_FIND_LINKS", "").split() if Path(p).is_dir()]
+    for cert in (settings.get("PIP_CERT"), "/etc/ssl/certs/ca-certificates.crt"):
+        if cert and Path(cert).is_file():
+            found["cert"] = cert
+            break
+    links = [p for p in settings.get("PIP_FIND_LINKS", "").split() if Path(p).is_dir()]
     torch = [w for d in links for w in glob.glob(f"{d}/torch-2.13.0*cp311*.whl")]
     if torch:
         found["torch"] = torch[0]
