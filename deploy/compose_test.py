@@ -228,8 +228,8 @@ def train_with_swap(env: dict[str, str], token: str, steps: int) -> list[dict]:
                 )
                 print(f"   swapped the teacher to {swapped['name']}", flush=True)
             time.sleep(1)
-    printed = log.read_text()
-    print("   trainer:", *printed.strip().splitlines()[-4:], sep="\n   | ", flush=True)
+    printed = [line for line in log.read_text().splitlines() if line and "it/s]" not in line]
+    print("   trainer:", *printed[-2:], sep="\n   | ", flush=True)
     if trainer.returncode != 0:
         raise RuntimeError(f"the trainer exited {trainer.returncode}; its output: {log}")
     if swapped is None:
