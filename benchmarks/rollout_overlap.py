@@ -32,6 +32,7 @@ from client.prompts import ChatRenderer
 from client.teacher import TeacherClient
 from trainer.config import TrainConfig
 from trainer.episodes import play_many
+from trainer.models import AgentSpec
 from trainer.rollout import BatchedGenerator, run_episode
 from trainer.stack import local_service
 from trainer.supervision import Supervisor
@@ -57,7 +58,9 @@ async def collect(
         supervisor = Supervisor([teacher], config, fingerprint_of(tokenizer))
 
         async def one(task_id: int) -> object:
-            record = await run_episode(env, generator, renderer, "train", task_id, None, turns)
+            record = await run_episode(
+                env, generator, renderer, "train", task_id, AgentSpec(max_turns=turns)
+            )
             return await supervisor.supervise(record)
 
         if pipeline:

@@ -10,8 +10,13 @@ search write "Thought: apple 1 here" (or "apple here") when they take the object
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 NOTHING_HAPPENS = "Nothing happens."
+
+# How a search thought names a find: "apple 1 here" (number) or "apple here" (decision:
+# the number in the action only, so the token after the name is the decision itself).
+ThoughtStyle = Literal["number", "decision"]
 
 # "go to desk 1": the place and its number.
 GO = re.compile(r"^go to (?P<place>.+) (?P<n>\d+)$")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from trainer.models import AGENT_FILE
+from trainer.models import AgentSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
-    agent: dict[str, Any],
+    agent: AgentSpec,
 ) -> Path:
     """Write checkpoints/step-N atomically (a temporary folder renamed at the end).
 
@@ -70,7 +70,7 @@ def save_checkpoint(
     building.mkdir(parents=True)
     model.save_pretrained(building)
     tokenizer.save_pretrained(building)
-    (building / AGENT_FILE).write_text(json.dumps(agent))
+    agent.write(building)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),

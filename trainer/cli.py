@@ -175,50 +175,30 @@ def eval_command(
     """Greedy success of a model on a split, through the env service."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from client.prompts import ChatRenderer
     from trainer.evaluate import play_greedy, summarize, teacher_forced
-    from trainer.models import read_agent_info
+    from trainer.models import AgentSpec
     from trainer.prepare import env_service, expert_episodes
 
-    info = read_agent_info(model)
-    if not info:
+    agent = AgentSpec.read(model)
+    if agent is None:
         typer.echo(
             f"note: {model} has no agent.json (written by prepare and by training "
             "checkpoints); rendering with the defaults: the whole history, the admissible "
             "actions shown",
             err=True,
         )
-    history = history if history is not None else info.get("history")
-    max_turns = max_turns or info.get("max_turns", 30)
+        agent = AgentSpec()
+    given = {"history": history, "max_turns": max_turns}
+    agent = agent.model_copy(update={k: v for k, v in given.items() if v is not None})
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy = AutoModelForCausalLM.from_pretrained(model).eval()
     with env_service(env_url) as url:
-        episodes = asyncio.run(
-            play_greedy(
-                policy,
-                tokenizer,
-                url,
-                split,
-                history,
-                max_turns,
-                limit,
-                show_admissible=info.get("show_admissible", True),
-            )
-        )
+        episodes = asyncio.run(play_greedy(policy, tokenizer, url, split, agent, limit))
         typer.echo(summarize(split, episodes).line())
         if forced:
-            experts = asyncio.run(
-                expert_episodes(
-                    url,
-                    split,
-                    limit,
-                    max_turns,
-                    thoughts=info.get("thoughts", False),
-                    thought_style=info.get("thought_style", "number"),
-                )
-            )
-            renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
-            typer.echo(teacher_forced(policy, renderer, experts, history).line())
+            experts = asyncio.run(expert_episodes(url, split, limit, agent))
+            renderer = agent.renderer(tokenizer)
+            typer.echo(teacher_forced(policy, renderer, experts, agent.history).line())
 
 
 @app.command("diagnose")
@@ -236,31 +216,26 @@ def diagnose_command(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from client.prompts import ChatRenderer
     from trainer.diagnostics import expert_agreement
-    from trainer.models import read_agent_info
+    from trainer.models import AgentSpec
     from trainer.prepare import env_service
 
-    info = read_agent_info(student)
+    agent = AgentSpec.read(student) or AgentSpec()
     tokenizer = AutoTokenizer.from_pretrained(student)
     models = {
         f"{name} ({Path(path).name})": AutoModelForCausalLM.from_pretrained(path).eval()
         for name, path in (("student", student), ("teacher", teacher))
     }
-    renderer = ChatRenderer(tokenizer, show_admissible=info.get("show_admissible", True))
     with env_service(env_url) as url:
         agreements = asyncio.run(
             expert_agreement(
                 next(iter(models.values())),  # the student plays
                 models,
-                renderer,
+                agent.renderer(tokenizer),
                 url,
                 split,
                 list(range(limit)),
-                info.get("max_turns", 30),
-                info.get("history"),
-                info.get("thought_style", "number") if info.get("thoughts") else None,
-                info.get("env", "household"),
+                agent,
             )
         )
     typer.echo(f"in the student's greedy episodes on the first {limit} {split} tasks:")

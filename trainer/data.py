@@ -21,19 +21,18 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from client.env import EnvClient
-from client.household import CONTENTS, FOUND, GO, NOTHING_HAPPENS, THOUGHT
+from client.household import CONTENTS, FOUND, GO, NOTHING_HAPPENS, THOUGHT, ThoughtStyle
 from client.prompts import ChatRenderer, History, agent_response, label_word, parse_action
 from client.protocol import EpisodeTurn, ExpertAction, Label, SessionCreated, StepResult
 from trainer.episodes import Task, play_episode, play_many
+from trainer.models import DEFAULT_AGENT, AgentSpec
 from trainer.sft import Example
 
 if TYPE_CHECKING:
     from trainer.rollout import BatchedGenerator
-
-ThoughtStyle = Literal["number", "decision"]
 
 
 @dataclass
@@ -80,8 +79,7 @@ async def play_with_expert(
     task_id: int,
     noise: float,
     seed: int,
-    max_turns: int | None = None,
-    env_name: str = "household",
+    agent: AgentSpec = DEFAULT_AGENT,
     near_miss: float = 0.0,
     policy: ModelPolicy | None = None,
     places: Sequence[str] = (),
@@ -96,7 +94,7 @@ async def play_with_expert(
     as lived: its own turns as it wrote them (``Step.said``), as in an evaluation,
     the expert's as in training.
     """
-    agent = DeviatingExpert(
+    deviating = DeviatingExpert(
         split,
         task_id,
         noise,
@@ -105,12 +103,13 @@ async def play_with_expert(
         policy,
         places,
     )
-    in_flight = policy.generator.episode(agent.key) if policy else contextlib.nullcontext()
+    in_flight = policy.generator.episode(deviating.key) if policy else contextlib.nullcontext()
     async with in_flight:
-        last = await play_episode(env, Task(env_name, split, task_id, max_turns), agent)  # type: ignore[arg-type]
-    assert agent.trajectory is not None
-    agent.trajectory.won = last.won
-    return agent.trajectory
+        task = Task(agent.env, split, task_id, agent.max_turns)  # type: ignore[arg-type]
+        last = await play_episode(env, task, deviating)
+    assert deviating.trajectory is not None
+    deviating.trajectory.won = last.won
+    return deviating.trajectory
 
 
 @dataclass
@@ -234,29 +233,25 @@ async def gather(
     noise: float,
     seed: int,
     split: str = "train",
-    max_turns: int | None = None,
+    agent: AgentSpec = DEFAULT_AGENT,
     concurrency: int = 32,
     desc: str = "episodes",
     progress: bool = True,
-    env_name: str = "household",
     near_miss: float = 0.0,
     policy: ModelPolicy | None = None,
-    thoughts: bool = False,
     places: Sequence[str] = (),
-    thought_style: ThoughtStyle = "number",
 ) -> list[Trajectory]:
-    """Play ``task_ids`` (see play_with_expert); ``thoughts``: add_search_thoughts to them."""
+    """Play ``task_ids`` (see play_with_expert) in ``agent``'s environment, within its
+    turns; an agent that thinks gets add_search_thoughts in its style."""
     trajectories = await play_many(
-        lambda t: play_with_expert(
-            env, split, t, noise, seed, max_turns, env_name, near_miss, policy, places
-        ),
+        lambda t: play_with_expert(env, split, t, noise, seed, agent, near_miss, policy, places),
         task_ids,
         concurrency,
         desc,
         progress,
     )
-    if thoughts:
-        add_search_thoughts(trajectories, thought_style)
+    if agent.thoughts:
+        add_search_thoughts(trajectories, agent.thought_style)
     return trajectories
 
 

@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.household import DECISION, NOTHING_HAPPENS
+from client.household import DECISION, NOTHING_HAPPENS, ThoughtStyle
 from client.prompts import ChatRenderer
 from client.protocol import EpisodeTurn
 from client.teacher import TeacherClient
-from trainer.data import ThoughtStyle, views_in
+from trainer.data import views_in
+from trainer.models import AgentSpec
 from trainer.rollout import EpisodeRecord
 
 KINDS = ("in_view", "not_in_view")
@@ -153,8 +154,7 @@ async def decision_stats(
     episodes: Sequence[EpisodeRecord],
     renderer: ChatRenderer,
     teacher: TeacherClient | None,
-    history: int | None,
-    style: ThoughtStyle = "number",
+    agent: AgentSpec,
     limit: int = 64,
     concurrency: int = 8,
 ) -> DecisionStats:
@@ -174,9 +174,9 @@ async def decision_stats(
 
     async def one(decision: Decision) -> tuple[str, dict[str, float]]:
         async with limit_calls:
-            tokens = candidates(decision, tokenizer, style)
+            tokens = candidates(decision, tokenizer, agent.thought_style)
             scored = await teacher_logprobs(
-                teacher, episodes[decision.episode], decision, tokens, history
+                teacher, episodes[decision.episode], decision, tokens, agent.history
             )
         return decision.kind, scored
 
@@ -221,10 +221,7 @@ async def expert_agreement(
     env_url: str,
     split: str,
     task_ids: list[int],
-    max_turns: int,
-    history: int | None = None,
-    thought_style: ThoughtStyle | None = "number",
-    env_name: str = "household",
+    agent: AgentSpec,
 ) -> list[Agreement]:
     """Play ``task_ids`` greedily with ``player`` (the student), the expert naming its
     action in every state reached; then ask each of ``models`` (e.g. the teacher) for
@@ -247,13 +244,10 @@ async def expert_agreement(
             1.0,  # the player acts in every state
             0,
             split,
-            max_turns,
+            agent,
             concurrency=64,
             progress=False,
-            env_name=env_name,
-            policy=ModelPolicy(generator, renderer, history),
-            thoughts=thought_style is not None,
-            thought_style=thought_style or "number",
+            policy=ModelPolicy(generator, renderer, agent.history),
         )
     states = []  # (prompt, the expert's action, right after a failure)
     for trajectory in played:
@@ -263,7 +257,7 @@ async def expert_agreement(
                 continue
             failed = t > 0 and step.observation == NOTHING_HAPPENS
             prompt = renderer.prompt(
-                trajectory.task, turns[:t], step.observation, step.admissible_actions, history
+                trajectory.task, turns[:t], step.observation, step.admissible_actions, agent.history
             )
             states.append((prompt, step.expert_action, failed))
     out = []

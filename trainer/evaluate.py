@@ -12,6 +12,7 @@ import torch
 
 from client.env import EnvClient
 from client.prompts import ChatRenderer, History
+from trainer.models import AgentSpec
 from trainer.rollout import BatchedGenerator, EpisodeRecord, run_episodes
 
 if TYPE_CHECKING:
@@ -135,27 +136,22 @@ async def play_greedy(
     tokenizer: Any,
     env_url: str,
     split: str,
-    history: int | None,
-    max_turns: int,
+    agent: AgentSpec,
     limit: int | None = None,
     progress: bool = True,
-    env_name: str = "household",
-    show_admissible: bool = True,
 ) -> list[EpisodeRecord]:
-    """``model``'s greedy episodes on ``split`` (all tasks, or the first ``limit``)."""
-    renderer = ChatRenderer(tokenizer, show_admissible=show_admissible)
+    """``model``'s greedy episodes on ``split`` (all tasks, or the first ``limit``), its
+    prompts rendered as ``agent`` says."""
     async with EnvClient(env_url, max_connections=64) as env:
-        count = await task_count(env, env_name, split, limit)
+        count = await task_count(env, agent.env, split, limit)
         async with BatchedGenerator(model, tokenizer, temperature=0.0) as generator:
             return await run_episodes(
                 env,
                 generator,
-                renderer,
+                agent.renderer(tokenizer),
                 split,  # type: ignore[arg-type]
                 list(range(count)),
-                history=history,
-                max_turns=max_turns,
+                agent,
                 concurrency=64,
-                env_name=env_name,
                 progress=progress,
             )

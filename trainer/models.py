@@ -6,33 +6,61 @@ service, the trainer and vLLM load it like a downloaded model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from client.household import ThoughtStyle
+from client.prompts import ChatRenderer
 from trainer.config import LlamaShape, PrepareConfig, TrainConfig
 
-AGENT_FILE = "agent.json"  # how a model folder's prompts are rendered, beside its weights
+AGENT_FILE = "agent.json"  # a model folder's AgentSpec, beside its weights
 
 
-def agent_info(config: PrepareConfig | TrainConfig) -> dict[str, Any]:
-    """How the model's prompts are rendered: what `sage-opd eval` reads from agent.json."""
-    return {
-        "history": config.history,
-        "show_admissible": config.show_admissible,
-        "max_turns": config.max_turns,
-        "env": config.env,
-    }
+class AgentSpec(BaseModel):
+    """How an agent sees its environment: which one, the turns of history its prompts
+    hold, whether they list the admissible actions, its turn limit, and whether it was
+    taught to think while searching. A model folder's agent.json holds one (written by
+    prepare and by training checkpoints), so that evaluating the model renders its
+    prompts as it was trained to read them."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    env: str = "household"
+    history: int | None = None  # turns of history in every prompt (None: the whole episode)
+    show_admissible: bool = True  # list the admissible actions in every observation
+    max_turns: int | None = 30  # None: the environment's own limit
+    thoughts: bool = False  # it writes "Thought: apple not here" while it searches
+    thought_style: ThoughtStyle = "number"
+
+    @classmethod
+    def of(cls, config: PrepareConfig | TrainConfig, base: AgentSpec | None = None) -> AgentSpec:
+        """The spec ``config`` sets; what it does not set (a train config says nothing of
+        thoughts) comes from ``base`` (e.g. the student's own agent.json)."""
+        fields = {name: getattr(config, name) for name in cls.model_fields if hasattr(config, name)}
+        return (base or cls()).model_copy(update=fields)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> AgentSpec | None:
+        """The spec in ``folder``/agent.json; None where there is none (an HF id, a bare
+        folder)."""
+        path = Path(folder) / AGENT_FILE
+        return cls.model_validate_json(path.read_text()) if path.exists() else None
+
+    def write(self, folder: str | Path) -> None:
+        (Path(folder) / AGENT_FILE).write_text(self.model_dump_json())
+
+    def renderer(self, tokenizer: Any) -> ChatRenderer:
+        """The prompt renderer of this spec."""
+        return ChatRenderer(tokenizer, show_admissible=self.show_admissible)
 
 
-def read_agent_info(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / AGENT_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+DEFAULT_AGENT = AgentSpec()  # the household world, the whole history, 30 turns
 
 
 PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"

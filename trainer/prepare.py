@@ -35,7 +35,6 @@ from client.protocol import LABELS, Label
 from trainer.config import PrepareConfig, SFTConfig
 from trainer.data import (
     ModelPolicy,
-    ThoughtStyle,
     Trajectory,
     agent_sequences,
     corpus,
@@ -45,7 +44,7 @@ from trainer.data import (
     places_of,
 )
 from trainer.evaluate import play_greedy, summarize, task_count, teacher_forced
-from trainer.models import AGENT_FILE, agent_info, build_llama, fit_tokenizer, save_model
+from trainer.models import AgentSpec, build_llama, fit_tokenizer, save_model
 from trainer.rollout import BatchedGenerator
 from trainer.sft import Example, batch_logits, collate, sft
 from trainer.timing import timed
@@ -192,34 +191,20 @@ def prepare(
             summary["dagger"] = _dagger_summary(played, dagger_log)
         # A prepared model also records whether it was taught to think while searching
         # (the expert episodes of `eval --teacher-forced` then carry the same thoughts).
-        agent = json.dumps(
-            {
-                **agent_info(config),
-                "thoughts": config.thoughts,
-                "thought_style": config.thought_style,
-            }
-        )
+        agent = AgentSpec.of(config)
         save_model(teacher, tokenizer, building / "teacher")
-        (building / "teacher" / AGENT_FILE).write_text(agent)
+        agent.write(building / "teacher")
         summary["judge"] = judge_agreement(teacher, renderer, judge_test)
 
         save_model(student, tokenizer, building / "student-init")
-        (building / "student-init" / AGENT_FILE).write_text(agent)
+        agent.write(building / "student-init")
 
         summary["teacher"] = _model_summary(teacher, teacher_examples, teacher_log)
         summary["student"] = _model_summary(student, student_examples, student_log)
         if evaluate:
             with timed("eval_s", timings):
                 experts = asyncio.run(
-                    expert_episodes(
-                        url,
-                        "valid_unseen",
-                        config.eval_tasks,
-                        config.max_turns,
-                        config.env,
-                        config.thoughts,
-                        config.thought_style,
-                    )
+                    expert_episodes(url, "valid_unseen", config.eval_tasks, agent)
                 )
                 for name, model in (("teacher", teacher), ("student", student)):
                     forced = teacher_forced(model, renderer, experts, config.history)
@@ -230,11 +215,9 @@ def prepare(
                             tokenizer,
                             url,
                             "valid_unseen",
-                            config.history,
-                            config.max_turns,
+                            agent,
                             config.eval_tasks,
                             progress,
-                            show_admissible=config.show_admissible,
                         )
                     )
                     summary[name]["valid_unseen"] = summarize("valid_unseen", played).as_dict()
@@ -353,14 +336,11 @@ async def _play_own(
             task_ids,
             noise,
             config.data.seed + round_,
-            max_turns=config.max_turns,
+            agent=AgentSpec.of(config),
             concurrency=64,
             desc=f"dagger round {round_ + 1} episodes",
             progress=progress,
-            env_name=config.env,
             policy=ModelPolicy(generator, renderer, config.history),
-            thoughts=config.thoughts,
-            thought_style=config.thought_style,
         )
 
 
@@ -381,29 +361,13 @@ def _dagger_summary(
 
 
 async def expert_episodes(
-    env_url: str,
-    split: str,
-    limit: int | None,
-    max_turns: int,
-    env_name: str = "household",
-    thoughts: bool = False,
-    thought_style: ThoughtStyle = "number",
+    env_url: str, split: str, limit: int | None, agent: AgentSpec
 ) -> list[Trajectory]:
-    """The expert's own episodes on ``split`` (all tasks, or the first ``limit``)."""
+    """The expert's own episodes on ``split`` (all tasks, or the first ``limit``) in
+    ``agent``'s environment and turns, with its thoughts if it thinks."""
     async with EnvClient(env_url, max_connections=64) as env:
-        ids = list(range(await task_count(env, env_name, split, limit)))
-        return await gather(
-            env,
-            ids,
-            0.0,
-            0,
-            split,
-            max_turns,
-            progress=False,
-            env_name=env_name,
-            thoughts=thoughts,
-            thought_style=thought_style,
-        )
+        ids = list(range(await task_count(env, agent.env, split, limit)))
+        return await gather(env, ids, 0.0, 0, split, agent, progress=False)
 
 
 async def _gather_all(
@@ -431,13 +395,10 @@ async def _gather_all(
                 ranges[name],
                 level,
                 config.data.seed,
-                max_turns=config.max_turns,
+                agent=AgentSpec.of(config),
                 desc=f"{name} episodes",
                 progress=progress,
-                env_name=config.env,
                 near_miss=config.data.near_miss,
-                thoughts=config.thoughts,
-                thought_style=config.thought_style,
                 places=places,
             )
             if name == "expert" and config.data.near_miss_places:

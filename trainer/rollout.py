@@ -36,6 +36,7 @@ from client.household import NOTHING_HAPPENS
 from client.prompts import ChatRenderer, History, parse_action
 from client.protocol import EpisodeTurn, SessionCreated, Split, StepResult
 from trainer.episodes import Task, play_episode, play_many
+from trainer.models import DEFAULT_AGENT, AgentSpec
 
 
 @dataclass(frozen=True)
@@ -452,24 +453,23 @@ async def run_episode(
     renderer: ChatRenderer,
     split: Split,
     task_id: int,
-    history: History = None,
-    max_turns: int | None = None,
-    env_name: str = "household",
+    agent: AgentSpec = DEFAULT_AGENT,
     end_after_failures: int | None = None,
 ) -> EpisodeRecord:
-    """Play one task with ``policy`` until done; close the session.
+    """Play one task with ``policy`` until done, as ``agent`` says (its environment,
+    history and turn limit); close the session.
 
     ``policy``: a BatchedGenerator (the episode is counted in flight, so batches wait
     for it) or any async function from prompt ids to a sample.
     ``end_after_failures``: end the episode (lost) once that many turns in a row failed.
     """
-    generate, in_flight = _tracking(policy, env_name, split, task_id)
-    agent = StudentAgent(generate, renderer, split, task_id, history, end_after_failures)
+    generate, in_flight = _tracking(policy, agent.env, split, task_id)
+    student = StudentAgent(generate, renderer, split, task_id, agent.history, end_after_failures)
     async with in_flight:
-        last = await play_episode(env, Task(env_name, split, task_id, max_turns), agent)
-    assert agent.record is not None
-    agent.record.won = last.won
-    return agent.record
+        last = await play_episode(env, Task(agent.env, split, task_id, agent.max_turns), student)
+    assert student.record is not None
+    student.record.won = last.won
+    return student.record
 
 
 @dataclass
@@ -534,15 +534,13 @@ async def run_episodes(
     renderer: ChatRenderer,
     split: Split,
     task_ids: list[int],
-    history: History = None,
-    max_turns: int | None = None,
+    agent: AgentSpec = DEFAULT_AGENT,
     concurrency: int = 64,
-    env_name: str = "household",
     progress: bool = False,
 ) -> list[EpisodeRecord]:
     """Play ``task_ids`` with up to ``concurrency`` episodes in flight; keep their order."""
     return await play_many(
-        lambda t: run_episode(env, policy, renderer, split, t, history, max_turns, env_name),
+        lambda t: run_episode(env, policy, renderer, split, t, agent),
         task_ids,
         concurrency,
         f"episodes on {split}",

@@ -59,7 +59,7 @@ from trainer.diagnostics import decision_stats
 from trainer.distributed import SINGLE, DataParallel, data_parallel, leave, wrap
 from trainer.episodes import play_many
 from trainer.evaluate import play_greedy, summarize
-from trainer.models import agent_info, read_agent_info
+from trainer.models import AgentSpec
 from trainer.rollout import BatchedGenerator, EpisodeRecord, run_episode
 from trainer.sft import make_optimizer, warmup_cosine
 from trainer.supervision import (
@@ -82,16 +82,7 @@ async def play_split(
     """Greedy episodes of ``model`` on ``split`` under the train config's rendering, turn
     limit and task selection: what each evaluation plays."""
     return await play_greedy(
-        model,
-        tokenizer,
-        env_url,
-        split,
-        config.history,
-        config.max_turns,
-        config.eval_tasks,
-        progress=False,
-        env_name=config.env,
-        show_admissible=config.show_admissible,
+        model, tokenizer, env_url, split, AgentSpec.of(config), config.eval_tasks, progress=False
     )
 
 
@@ -139,7 +130,7 @@ class Trainer:
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
         # A checkpoint keeps what its source's agent.json says (e.g. that it thinks while
         # searching), under this run's own rendering settings.
-        self.agent = {**read_agent_info(source), **agent_info(config)}
+        self.agent = AgentSpec.of(config, base=AgentSpec.read(source))
         self.renderer = ChatRenderer(self.tokenizer, show_admissible=config.show_admissible)
         # Who plays the episodes: the student itself, or (off-policy SFT) another model.
         self.policy = self.model
@@ -247,9 +238,7 @@ class Trainer:
                         self.renderer,
                         config.train_split,
                         task_id,
-                        config.history,
-                        config.max_turns,
-                        config.env,
+                        self.agent,
                         config.end_after_failures,
                     )
                 except (ServiceCallError, httpx.HTTPError) as exc:
@@ -330,8 +319,7 @@ class Trainer:
                     episodes,
                     self.renderer,
                     teacher,
-                    config.history,
-                    self.agent.get("thought_style", "number"),
+                    self.agent,
                     config.diagnose_decisions,
                 )
                 out.update(stats.as_metrics(f"diag_{split}"))

@@ -10,6 +10,7 @@ from client.env import EnvClient
 from services.env.app import create_app as create_env_app
 from services.env.settings import EnvSettings
 from trainer.data import NOTHING_HAPPENS, gather, near_miss_action
+from trainer.models import AgentSpec
 
 
 def test_a_near_miss_changes_exactly_one_number() -> None:
@@ -56,7 +57,7 @@ def _play(url: str, noise: float, near_miss: float) -> list:
                 list(range(6)),
                 noise,
                 0,
-                max_turns=8,
+                agent=AgentSpec(max_turns=8),
                 progress=False,
                 near_miss=near_miss,
             )
@@ -142,7 +143,13 @@ def test_a_model_policy_drives_the_deviations_and_every_state_is_labelled(
                 recording = Recording(generator)
                 policy = ModelPolicy(recording, renderer, None)  # type: ignore[arg-type]
                 played = await gather(
-                    env, [0, 1, 2], noise, 0, max_turns=4, progress=False, policy=policy
+                    env,
+                    [0, 1, 2],
+                    noise,
+                    0,
+                    agent=AgentSpec(max_turns=4),
+                    progress=False,
+                    policy=policy,
                 )
                 return played, recording.prompts
 
@@ -277,9 +284,8 @@ def test_search_thoughts_say_whether_the_sought_object_is_in_view(
                 list(range(12)),
                 0.3,
                 0,
-                max_turns=30,
+                agent=AgentSpec(max_turns=30, thoughts=True),
                 progress=False,
-                thoughts=True,
                 near_miss=0.5,
             )
 

@@ -14,6 +14,7 @@ from client.teacher import TeacherClient
 from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
 from trainer.diagnostics import decision_stats, decisions_in
+from trainer.models import AgentSpec
 from trainer.rollout import EpisodeRecord, TurnRecord
 
 COUNTER = "On the countertop 1, you see a apple 2, and a mug 1."
@@ -81,7 +82,7 @@ async def test_teacher_logprobs_are_those_of_its_own_forward_at_the_decision(
     url = serve(create_teacher_app(TeacherSettings(model=str(tiny_model_dir), max_wait_ms=2.0)))
     renderer = ChatRenderer(tokenizer)
     async with TeacherClient(url) as teacher:
-        stats = await decision_stats([record], renderer, teacher, history=None)
+        stats = await decision_stats([record], renderer, teacher, AgentSpec())
     assert stats.count == {"in_view": 1, "not_in_view": 1}
     assert stats.says_not == {"in_view": 1.0, "not_in_view": 0.0}
 

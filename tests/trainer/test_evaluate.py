@@ -13,14 +13,14 @@ from services.env.settings import EnvSettings
 from trainer.config import LlamaShape, SFTConfig
 from trainer.data import agent_sequences, corpus
 from trainer.evaluate import teacher_forced
-from trainer.models import build_llama, fit_tokenizer
+from trainer.models import AgentSpec, build_llama, fit_tokenizer
 from trainer.prepare import expert_episodes
 from trainer.sft import sft
 
 
 def test_teacher_forced_scores_each_turn_of_the_experts_episodes(serve) -> None:
     url = serve(create_env_app(EnvSettings()))
-    episodes = asyncio.run(expert_episodes(url, "valid_unseen", 2, 30))
+    episodes = asyncio.run(expert_episodes(url, "valid_unseen", 2, AgentSpec()))
     assert [e.split for e in episodes] == ["valid_unseen"] * 2 and all(e.won for e in episodes)
     tokenizer = fit_tokenizer(corpus(episodes), 600)
     renderer = ChatRenderer(tokenizer, show_admissible=False)

@@ -37,6 +37,7 @@ from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
 from tests.trainer.test_train import rows, small_config
 from trainer.checkpoints import METRICS_FILE, checkpoint_dirs
+from trainer.models import AgentSpec
 from trainer.rollout import BatchedGenerator, run_episodes
 from trainer.stack import free_port, stop_with_parent, wait_ready
 from trainer.train import Trainer, train
@@ -105,7 +106,7 @@ async def test_an_episodes_samples_do_not_depend_on_the_episodes_batched_with_it
             BatchedGenerator(model, tokenizer, max_new_tokens=8, seed=11) as generator,
         ):
             episodes = await run_episodes(
-                env, generator, ChatRenderer(tokenizer), "train", task_ids, max_turns=3
+                env, generator, ChatRenderer(tokenizer), "train", task_ids, AgentSpec(max_turns=3)
             )
         played.append(next(e for e in episodes if e.task_id == 5))
     alone = [turn.response_ids for turn in played[0].turns]

@@ -14,6 +14,7 @@ from client.prompts import ChatRenderer
 from services.env.app import create_app
 from services.env.settings import EnvSettings
 from trainer.evaluate import summarize
+from trainer.models import AgentSpec
 from trainer.rollout import BatchedGenerator, run_episodes
 
 
@@ -32,7 +33,7 @@ async def test_recomputed_logprobs_of_sampled_tokens_match_the_sampling_logprobs
         BatchedGenerator(model, tokenizer, max_new_tokens=8, temperature=1.0, seed=0) as generator,
     ):
         episodes = await run_episodes(
-            env, generator, renderer, "train", [0, 1, 2, 3], history=history, max_turns=3
+            env, generator, renderer, "train", [0, 1, 2, 3], AgentSpec(history=history, max_turns=3)
         )
     assert max(generator.batches) > 1  # episodes waiting together were generated together
     compared = 0
@@ -69,7 +70,7 @@ async def test_a_random_model_rarely_names_admissible_actions_and_the_summary_sa
         BatchedGenerator(model, tokenizer, temperature=0.0) as generator,
     ):
         episodes = await run_episodes(
-            env, generator, ChatRenderer(tokenizer), "valid_seen", [0, 1], max_turns=2
+            env, generator, ChatRenderer(tokenizer), "valid_seen", [0, 1], AgentSpec(max_turns=2)
         )
     result = summarize("valid_seen", episodes)
     assert result.episodes == 2 and result.avg_turns == 2.0 and result.success == 0.0
@@ -94,7 +95,7 @@ async def test_reusing_each_episodes_cache_between_turns_changes_nothing_but_the
             ) as generator,
         ):
             episodes = await run_episodes(
-                env, generator, ChatRenderer(tokenizer), "train", [0, 1, 2], max_turns=4
+                env, generator, ChatRenderer(tokenizer), "train", [0, 1, 2], AgentSpec(max_turns=4)
             )
         played.append(episodes)
         forwarded.append(generator.prompt_tokens_forwarded)
@@ -166,8 +167,9 @@ async def test_a_training_episode_ends_after_the_given_failures_in_a_row(
         return Sample(ids, [0.0] * len(ids))
 
     async with EnvClient(url) as env:
-        cut = await run_episode(env, policy, renderer, "train", 0, None, 10, end_after_failures=3)
+        ten = AgentSpec(max_turns=10)
+        cut = await run_episode(env, policy, renderer, "train", 0, ten, end_after_failures=3)
         said = itertools.chain(["Action: look"], itertools.repeat("Action: fly away"))
-        full = await run_episode(env, policy, renderer, "train", 0, None, 10)
+        full = await run_episode(env, policy, renderer, "train", 0, ten)
     assert [t.failed for t in cut.turns] == [False, True, True, True] and not cut.won
     assert len(full.turns) == 10

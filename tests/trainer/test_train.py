@@ -18,7 +18,7 @@ from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
 from trainer.checkpoints import METRICS_FILE, checkpoint_dirs
 from trainer.config import LlamaShape, LossConfig, TrainConfig
-from trainer.models import build_llama, fit_tokenizer, read_agent_info, save_model
+from trainer.models import AgentSpec, build_llama, fit_tokenizer, save_model
 from trainer.supervision import TeacherVocabularyChanged
 from trainer.train import Trainer, train
 
@@ -89,13 +89,13 @@ def test_two_steps_train_checkpoint_and_resume_at_the_next_step(
     weights_before = (checkpoint_dirs(out)[-1] / "model.safetensors").read_bytes()
     assert weights_before != (tiny_model_dir / "model.safetensors").read_bytes()
     # `sage-opd eval --model <checkpoint>` renders prompts as the run did.
-    assert read_agent_info(checkpoint_dirs(out)[-1]) == {
-        "history": config.history,
-        "show_admissible": config.show_admissible,
-        "max_turns": 3,
-        "env": "household",
-        "thoughts": True,
-    }
+    assert AgentSpec.read(checkpoint_dirs(out)[-1]) == AgentSpec(
+        history=config.history,
+        show_admissible=config.show_admissible,
+        max_turns=3,
+        env="household",
+        thoughts=True,
+    )
 
     # A new run in the same folder with more steps resumes after step 2.
     resumed = train(config.model_copy(update={"steps": 3}), progress=False)
