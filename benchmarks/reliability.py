@@ -20,7 +20,7 @@ reliability list (docs/benchmarks.md):
   (benchmarks/schemathesis.toml says which statuses are documented answers).
 
 Every loop is bounded in count and time. Prints one row per scenario and, last,
-``scenarios held: K/N``.
+``scenarios held: K/N``; exits 1 unless every scenario held.
 
     python benchmarks/reliability.py [--only load,swap] [--quick]
 """
@@ -652,7 +652,7 @@ def format_row(outcome: Outcome) -> str:
     return f"{outcome.name:<16} {verdict:<7} {outcome.seconds:6.1f}s  {figures}"
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
     parser.add_argument("--quick", action="store_true", help="shorter loads, fewer cases")
@@ -664,8 +664,10 @@ def main() -> None:
     print(f"reliability on {os.cpu_count()} cores, loopback only; models: {MODELS}")
     print(f"{'scenario':<16} {'verdict':<7} {'time':>7}  figures")
     outcomes = run(names, args.quick)
-    print(f"scenarios held: {sum(o.held for o in outcomes)}/{len(outcomes)}")
+    held = sum(o.held for o in outcomes)
+    print(f"scenarios held: {held}/{len(outcomes)}")
+    return 0 if held == len(outcomes) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
