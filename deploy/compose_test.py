@@ -165,13 +165,12 @@ def compose(*args: str, env: dict[str, str], **kwargs: object) -> str:
 
 def wait_healthy(services: list[str], env: dict[str, str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    containers = {name: compose("ps", "-q", name, env=env).strip() for name in services}
     while True:
-        states = {}
-        for name in services:
-            container = compose("ps", "-q", name, env=env).strip()
-            states[name] = sh(
-                "docker", "inspect", "--format", "{{.State.Health.Status}}", container
-            ).strip()
+        states = {
+            name: sh("docker", "inspect", "--format", "{{.State.Health.Status}}", c).strip()
+            for name, c in containers.items()
+        }
         if all(state == "healthy" for state in states.values()):
             return
         if time.monotonic() > deadline or "unhealthy" in states.values():

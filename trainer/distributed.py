@@ -53,20 +53,12 @@ class DataParallel:
         return summed.to(tensor.device)
 
     def gather(self, items: list[T]) -> list[T]:
-        """Every rank's items, in rank order (each rank gets all of them)."""
+        """Every rank's items, in rank order, on rank 0 (the others get none)."""
         if self.world == 1:
             return list(items)
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, items)
-        return [item for part in parts for item in part]
-
-    def broadcast(self, value: T) -> T:
-        """Rank 0's ``value`` on every rank."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        parts: list[Any] | None = [None] * self.world if self.main else None
+        dist.gather_object(items, parts, dst=0)
+        return [item for part in parts or [] for item in part]
 
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":

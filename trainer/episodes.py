@@ -61,10 +61,8 @@ async def play_episode(env: EnvClient, task: Task, agent: Agent) -> StepResult:
             action = await agent.act(state)
             if action is None:
                 break
-            state_after = await env.step(session.session_id, action)
-            ended = await agent.after(action, state_after)
-            state = state_after
-            if ended:
+            state = await env.step(session.session_id, action)
+            if await agent.after(action, state):
                 break
     return state
 

@@ -350,7 +350,7 @@ class Trainer:
                 with timed("time_train_s", timings):
                     batch = build_batch(self.renderer, self.imitated(mine), config)
                     losses = self.update(batch)
-                episodes = data.gather(mine)  # every rank's, for the step's row
+                episodes = data.gather(mine)  # every rank's, on rank 0 for the step's row
                 dropped = int(data.all_sum(torch.tensor(dropped)))
                 self.step = step
                 if not data.main:  # rank 0 logs, evaluates and checkpoints
