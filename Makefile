@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/linear_teacher_cost.py
 	$(BIN)/python benchmarks/rollout_overlap.py
 	$(BIN)/python benchmarks/train_step_overhead.py
+	$(BIN)/python benchmarks/chunk_mapping.py
 
 # Load, faults (services and the trainer killed mid-run) and fuzzing, each bounded; a few minutes.
 reliability: install

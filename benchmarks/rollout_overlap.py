@@ -27,7 +27,6 @@ from _models import QUIET_ENV, tiny_teacher
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.env import EnvClient
-from client.fingerprint import fingerprint_of
 from client.prompts import ChatRenderer
 from client.teacher import TeacherClient
 from trainer.config import TrainConfig
@@ -55,7 +54,7 @@ async def collect(
         TeacherClient(teacher_url) as teacher,
         BatchedGenerator(model, tokenizer, max_new_tokens=12, temperature=1.0, seed=0) as generator,
     ):
-        supervisor = Supervisor([teacher], config, fingerprint_of(tokenizer))
+        supervisor = Supervisor([teacher], config, tokenizer)
 
         async def one(task_id: int) -> object:
             record = await run_episode(

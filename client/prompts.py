@@ -88,6 +88,20 @@ def action_start(tokenizer: Any, response_ids: Sequence[int]) -> int:
     return 0
 
 
+def token_ends(tokenizer: Any, ids: Sequence[int]) -> list[int | None]:
+    """Where each of ``ids`` ends in their text, decode(ids) without special tokens: the
+    length of the decoded prefix that ends with it. None for a token after which the
+    decoded prefix is not a prefix of the text (it ends inside a character that the
+    next token completes). A special token is empty: it ends where the one before it does.
+    """
+    ids = list(ids)
+    prefixes = tokenizer.batch_decode(
+        [ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True
+    )
+    text = prefixes[-1] if prefixes else ""
+    return [len(p) if text.startswith(p) else None for p in prefixes]
+
+
 class ChatTokenizer(Protocol):
     eos_token: str | None
     eos_token_id: int | None
@@ -143,6 +157,43 @@ class ChatRenderer:
         self.show_admissible = show_admissible
         self.eos_id = tokenizer.eos_token_id
         self.eos_text = tokenizer.eos_token
+
+    def text_response(self, text: str, ends_turn: bool) -> tuple[list[int], list[int]]:
+        """A response given as text, in this tokenizer's ids (its own end-of-turn token
+        last when ``ends_turn``), and where each id ends in ``text``, in characters."""
+        ids: list[int] = []
+        ends: list[int] = []
+        if text:
+            try:  # a fast tokenizer tells where its tokens are in the text
+                encoded = self.tokenizer(
+                    text, add_special_tokens=False, return_offsets_mapping=True
+                )
+                ids = list(encoded["input_ids"])
+                ends = [end for _, end in encoded["offset_mapping"]]
+            except NotImplementedError:  # a slow one: by decoding its prefixes
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                ends = [len(text) if e is None else e for e in token_ends(self.tokenizer, ids)]
+        if ends_turn:
+            ids.append(self.eos_id)
+            ends.append(len(text))
+        return ids, ends
+
+    def own_ids(
+        self, turns: Sequence[EpisodeTurn]
+    ) -> tuple[list[EpisodeTurn], list[list[int] | None]]:
+        """The turns with every response in this tokenizer's ids (a text response
+        tokenized here, see text_response), and per turn where its ids end in its text
+        (None: the response came as ids, spliced in unchanged)."""
+        out, offsets = [], []
+        for turn in turns:
+            if turn.response_text is None:
+                out.append(turn)
+                offsets.append(None)
+                continue
+            ids, ends = self.text_response(turn.response_text, turn.ends_turn)
+            out.append(turn.model_copy(update={"response_ids": ids, "response_text": None}))
+            offsets.append(ends)
+        return out, offsets
 
     def messages(self, task: str, turns: Sequence[EpisodeTurn]) -> list[dict[str, str]]:
         """The chat up to each turn's response (a slot where each response goes)."""

@@ -32,6 +32,7 @@ Bool = StrictBool
 
 # Limits shared by services (which enforce them) and clients (which respect them).
 MAX_ACTION_CHARS = 1_000
+MAX_RESPONSE_CHARS = 32_768
 MAX_BATCH_STEPS = 1_024
 MAX_SEQUENCE_TOKENS = 32_768
 MAX_SEQUENCES_PER_REQUEST = 256
@@ -299,6 +300,9 @@ class SpanScores(_Model):
     # own entry when it is not among them (as vLLM's logprobs do).
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    # A response sent as text: the character where each scored token ends in it (its
+    # end-of-turn token ends at the text's end), for mapping onto the student's tokens.
+    offsets: list[int] | None = None
 
 
 class SequenceScores(_Model):
@@ -312,12 +316,29 @@ class ScoreResponse(_Model):
 
 
 class EpisodeTurn(_Model):
-    """One turn as the student lived it: what it saw, the ids it sampled, what came back."""
+    """One turn as the student lived it: what it saw, what it said, what came back.
+
+    What it said is either the token ids it sampled (``response_ids``: the teacher
+    shares the student's vocabulary and scores those very ids) or their text
+    (``response_text``: the teacher tokenizes it with its own tokenizer, scores its
+    own tokens and answers with each one's end in the text; see SpanScores.offsets)."""
 
     observation: str
     admissible_actions: list[str] = Field(default_factory=list)
-    response_ids: list[Int] = Field(..., min_length=1)
+    response_ids: list[Int] | None = Field(None, min_length=1)
+    response_text: str | None = Field(None, max_length=MAX_RESPONSE_CHARS)
+    # A text response: the student closed its turn (its end-of-turn token), so the
+    # teacher scores its own end-of-turn token after the text too.
+    ends_turn: Bool = True
     feedback: str = ""
+
+    @model_validator(mode="after")
+    def _one_response(self) -> EpisodeTurn:
+        if (self.response_ids is None) == (self.response_text is None):
+            raise ValueError("a turn has either response_ids or response_text, not both")
+        if self.response_text == "" and not self.ends_turn:
+            raise ValueError("an empty response_text must end its turn: nothing would be scored")
+        return self
 
 
 class EpisodeSpec(_Model):

@@ -205,6 +205,7 @@ class OpenAITeacherClient(JsonClient):
         top_k: int = 0,
         history: int | None = None,
     ) -> EpisodeResponse:
+        turns, offsets = self.renderer.own_ids(turns)  # text responses in the teacher's ids
         contexts = self.renderer.contexts(task, turns, history)
         scored = await self.score([(c.input_ids, c.spans) for c in contexts], top_k)
         out: list[TurnScores | None] = [None] * len(turns)
@@ -218,6 +219,8 @@ class OpenAITeacherClient(JsonClient):
                     prompt = context.input_ids[:end] + self.renderer.judge_suffix(turns[: t + 1])
                     verdict = await self.judge_prompt(prompt)
                     tokens += len(prompt)
+                if offsets[t] is not None:
+                    scores = scores.model_copy(update={"offsets": offsets[t]})
                 out[t] = TurnScores(scores=scores, verdict=verdict)
         return EpisodeResponse(
             model=ModelRef(name=self.model, revision="openai-compatible"),

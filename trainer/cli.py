@@ -268,13 +268,14 @@ def train_command(
     N data-parallel ranks (trainer/distributed.py).
     """
     from trainer.config import TrainConfig, load_config
-    from trainer.train import EpisodesLost, TeacherVocabularyChanged, train
+    from trainer.supervision import CrossTokenizerDivergence
+    from trainer.train import EpisodesLost, train
 
     settings = load_config(TrainConfig, config, set_)
     log_to_stderr()
     try:
         rows = train(settings, progress=not quiet)
-    except TeacherVocabularyChanged as exc:
+    except CrossTokenizerDivergence as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(3) from exc
     except EpisodesLost as exc:

@@ -187,8 +187,20 @@ class TrainConfig(Frozen):
     # The services at their default ports; several teacher URLs are used round-robin,
     # one per episode.
     teacher_urls: list[str] = ["http://127.0.0.1:8200"]
+    # Teachers per environment: a pattern (an environment name, or env/task type, with
+    # shell wildcards: "household", "alfworld/pick_*", "*") to its teachers' URLs, used
+    # round-robin. An episode goes to the first pattern that matches it; when this is
+    # set, teacher_urls is not used.
+    teachers: dict[str, list[str]] = {}
+    # tokens when a teacher shares the student's vocabulary (it scores the student's
+    # ids), else chunks (it scores its own tokens of the text, trainer/alignment.py);
+    # chunks: always chunk-level, whatever the vocabularies.
+    alignment: Literal["auto", "chunks"] = "auto"
     env_url: str = "http://127.0.0.1:8100"
     env: str = "household"  # the environment to train in (an env service name)
+    # More environments of the same env service: each step draws its tasks from all of
+    # them, and each is evaluated (metrics eval_<env>_<split>_*; env's are eval_<split>_*).
+    envs: list[str] = []
     train_split: Split = "train"  # the tasks the episodes are drawn from
     history: int | None = None  # turns of history in every prompt (None: the whole episode)
     show_admissible: bool = True  # list the admissible actions in every observation
@@ -225,7 +237,24 @@ class TrainConfig(Frozen):
     sft_policy: str | None = None  # loss.kind sft: the model that plays (e.g. the teacher)
 
     @model_validator(mode="after")
-    def _sft_needs_a_policy(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
         if self.loss.kind == "sft" and not self.sft_policy:
             raise ValueError("loss.kind sft needs sft_policy: the model whose episodes to imitate")
+        if self.alignment == "chunks" and self.loss.divergence != "sampled":
+            raise ValueError(
+                f"loss.divergence {self.loss.divergence} needs the teacher's distribution over "
+                "the student's vocabulary: chunk-level supervision takes divergence sampled"
+            )
+        if any(not urls for urls in self.teachers.values()):
+            raise ValueError("each pattern of teachers needs at least one URL")
+        if self.env in self.envs:
+            raise ValueError(f"envs lists {self.env!r}, which env already names")
         return self
+
+    def environments(self) -> list[str]:
+        """Every environment the run trains in, env first."""
+        return [self.env, *self.envs]
+
+    def teacher_groups(self) -> dict[str, list[str]]:
+        """Pattern -> teacher URLs: ``teachers``, or every episode to ``teacher_urls``."""
+        return dict(self.teachers) if self.teachers else {"*": list(self.teacher_urls)}

@@ -4,7 +4,9 @@ Shapes: every tensor is flat over the batch's trained tokens (suffix _N), with
 ``turn_N`` saying which turn each token belongs to; per-turn tensors have suffix _T,
 distributions over the teacher's top-k (plus one tail bucket) _K.
 
-    A_tj = sg( log pi_T(y) - log pi_S_old(y) )          teacher minus student (at sampling)
+    A_tj = sg( log pi_T(y) - log pi_S_old(y) )          teacher minus student (at sampling);
+                                                         per chunk across tokenizers
+                                                         (trainer/alignment.py)
     l_tj = - A_tj * log pi_S(y)                          sampled-token reverse KL (the paper's)
          = - min(r A, clip(r, 1-eps, 1+eps) A),  r = pi_S / pi_S_old   (PPO substeps)
     l_tj = D( pi_S(. | ctx), pi_T(. | ctx) )             or a full-distribution divergence:
@@ -68,12 +70,21 @@ class TokenTargets:
     """What the loss compares the student with, for each trained token (flat, _N).
 
     ``topk_ids_NK`` / ``topk_logprobs_NK``: the teacher's top-k ids and log-probs, needed
-    by the full-distribution divergences only."""
+    by the full-distribution divergences only. ``advantage_N``: A_tj where it is not
+    log pi_T(y) - log pi_S_old(y) token by token (a teacher with another tokenizer
+    gives each token its chunk's advantage, trainer/alignment.py)."""
 
     old_logprobs_N: torch.Tensor  # log pi_S_old(y), at sampling
     teacher_logprobs_N: torch.Tensor  # log pi_T(y)
     topk_ids_NK: torch.Tensor | None = None
     topk_logprobs_NK: torch.Tensor | None = None
+    advantage_N: torch.Tensor | None = None
+
+    def advantage(self) -> torch.Tensor:
+        """A_tj, without gradient."""
+        if self.advantage_N is not None:
+            return self.advantage_N.detach()
+        return (self.teacher_logprobs_N - self.old_logprobs_N).detach()
 
     def slice(self, start: int, end: int) -> TokenTargets:
         """The targets of tokens [start, end)."""
@@ -101,16 +112,12 @@ def turn_confidence(teacher_top1_N: torch.Tensor, turn_N: torch.Tensor, turns: i
 
 
 def turn_scores(
-    teacher_top1_N: torch.Tensor, turn_N: torch.Tensor, labels: list[Label], switches: LossSwitches
+    confidence_T: torch.Tensor, labels: list[Label], switches: LossSwitches
 ) -> torch.Tensor:
-    """s_t = i_t * c_t for every turn (1 where a part is switched off)."""
+    """s_t = i_t * c_t for every turn (1 where a part is switched off), given c_t."""
     turns = len(labels)
     i_T = intervention(labels, switches.alpha) if switches.intervention else torch.ones(turns)
-    c_T = (
-        turn_confidence(teacher_top1_N, turn_N, turns).detach()
-        if switches.confidence
-        else torch.ones(turns)
-    )
+    c_T = confidence_T.detach().float() if switches.confidence else torch.ones(turns)
     return i_T * c_T
 
 
@@ -139,7 +146,7 @@ def sampled_token_loss(
     student_logprobs_N: torch.Tensor, targets: TokenTargets, ppo_clip: float
 ) -> torch.Tensor:
     """l_tj of the sampled-token reverse KL, in its PPO-clipped form."""
-    advantage_N = (targets.teacher_logprobs_N - targets.old_logprobs_N).detach()
+    advantage_N = targets.advantage()
     ratio_N = torch.exp(student_logprobs_N - targets.old_logprobs_N.detach())
     clipped_N = ratio_N.clamp(1 - ppo_clip, 1 + ppo_clip)
     return -torch.minimum(ratio_N * advantage_N, clipped_N * advantage_N)
@@ -236,7 +243,7 @@ def multi_turn_loss(
 ) -> LossOutput:
     """OPD or SAGE-OPD over one batch of turns (OPD: LossSwitches.opd()): sum_tj w_tj l_tj."""
     targets = TokenTargets(old_logprobs_N, teacher_logprobs_N, topk_ids_NK, topk_logprobs_NK)
-    s_T = turn_scores(teacher_top1_N, turn_N, labels, switches)
+    s_T = turn_scores(turn_confidence(teacher_top1_N, turn_N, len(labels)), labels, switches)
     w_N = token_weights(s_T, turn_N, switches)
     l_N = token_losses(student_logprobs_N, targets, switches, student_logprobs_NV)
     n_tok = len(turn_N)

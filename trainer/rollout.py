@@ -88,6 +88,7 @@ class EpisodeRecord:
     task_type: str
     turns: list[TurnRecord] = field(default_factory=list)
     won: bool = False
+    env: str = "household"
 
     def episode_turns(self) -> list[EpisodeTurn]:
         return [turn.as_episode_turn() for turn in self.turns]
@@ -488,7 +489,9 @@ class StudentAgent:
 
     async def begin(self, env: EnvClient, session: SessionCreated) -> None:
         task = session.task
-        self.record = EpisodeRecord(self.split, self.task_id, task.goal, task.task_type)
+        self.record = EpisodeRecord(
+            self.split, self.task_id, task.goal, task.task_type, env=task.env
+        )
 
     async def act(self, state: StepResult) -> str | None:
         assert self.record is not None

@@ -1,9 +1,10 @@
 """`sage-opd train`: multi-turn OPD and SAGE-OPD through the env and teacher services.
 
 ``Trainer.run`` is the loop; each step:
-1. collect: ``episodes_per_step`` train tasks are played by the student at once
-   (trainer/rollout.py); each episode, as soon as it ends, goes to a teacher
-   (trainer/supervision.py) while the other episodes still act.
+1. collect: ``episodes_per_step`` train tasks (of every environment the run trains
+   in) are played by the student at once (trainer/rollout.py); each episode, as soon
+   as it ends, goes to its teacher (trainer/supervision.py) while the other episodes
+   still act.
 2. train: the episodes become one batch of trained tokens and the loss of
    trainer/losses.py is applied for ``loss.substeps`` optimizer steps
    (trainer/update.py).
@@ -16,9 +17,9 @@ of reach) is dropped and counted in the step's ``episodes_dropped``; the step go
 with the others. A step that loses every episode is collected again, up to
 COLLECT_ATTEMPTS times, then the run stops with EpisodesLost.
 
-The teacher's model and revision are logged per step. When the teacher service
-switches to a model with another vocabulary, the run saves a checkpoint and
-stops with TeacherVocabularyChanged (the scores could not be read any more).
+The teachers' models and revisions are logged per step, and which teacher supervised
+each episode. A teacher that switches to a model of another family goes on
+supervising chunk-level from its first answer (trainer/alignment.py).
 Under torchrun each rank plays a share of the step's tasks (trainer/distributed.py).
 """
 
@@ -65,7 +66,6 @@ from trainer.sft import make_optimizer, warmup_cosine
 from trainer.supervision import (
     SupervisedEpisode,
     Supervisor,
-    TeacherVocabularyChanged,
     label_metrics,
 )
 from trainer.timing import timed
@@ -77,12 +77,24 @@ COLLECT_ATTEMPTS = 3  # tries at collecting a step whose every episode was dropp
 
 
 async def play_split(
-    model: Any, tokenizer: Any, env_url: str, split: str, config: TrainConfig
+    model: Any,
+    tokenizer: Any,
+    env_url: str,
+    split: str,
+    config: TrainConfig,
+    agent: AgentSpec | None = None,
 ) -> list[EpisodeRecord]:
     """Greedy episodes of ``model`` on ``split`` under the train config's rendering, turn
-    limit and task selection: what each evaluation plays."""
+    limit and task selection (in ``agent``'s environment; None: the config's): what
+    each evaluation plays."""
     return await play_greedy(
-        model, tokenizer, env_url, split, AgentSpec.of(config), config.eval_tasks, progress=False
+        model,
+        tokenizer,
+        env_url,
+        split,
+        agent or AgentSpec.of(config),
+        config.eval_tasks,
+        progress=False,
     )
 
 
@@ -131,6 +143,9 @@ class Trainer:
         # A checkpoint keeps what its source's agent.json says (e.g. that it thinks while
         # searching), under this run's own rendering settings.
         self.agent = AgentSpec.of(config, base=AgentSpec.read(source))
+        self.agents = {
+            name: self.agent.model_copy(update={"env": name}) for name in config.environments()
+        }
         self.renderer = ChatRenderer(self.tokenizer, show_admissible=config.show_admissible)
         # Who plays the episodes: the student itself, or (off-policy SFT) another model.
         self.policy = self.model
@@ -209,13 +224,20 @@ class Trainer:
 
     # --- phases
 
-    def task_ids(self, step: int, split_size: int) -> list[int]:
+    def task_ids(self, step: int, split_sizes: dict[str, int]) -> list[tuple[str, int]]:
+        """The step's tasks, over all ranks: (environment, task id). The episodes are
+        shared out evenly over the environments (the first ones get the remainder),
+        each one's tasks drawn at random from its train split."""
         rng = random.Random(f"{self.config.seed}:{step}")
-        count = min(self.config.episodes_per_step, split_size)
-        return rng.sample(range(split_size), count)  # the step's, over all ranks
+        share, extra = divmod(self.config.episodes_per_step, len(split_sizes))
+        tasks = []
+        for i, (name, size) in enumerate(split_sizes.items()):
+            count = min(share + (i < extra), size)
+            tasks.extend((name, t) for t in rng.sample(range(size), count))
+        return tasks
 
     async def collect(
-        self, env: EnvClient, supervisor: Supervisor, task_ids: list[int]
+        self, env: EnvClient, supervisor: Supervisor, tasks: list[tuple[str, int]]
     ) -> tuple[list[SupervisedEpisode], list[BaseException]]:
         """Play and supervise the tasks' episodes: those kept, in task order, and what
         lost the others (see episode_lost: they are dropped, not fatal)."""
@@ -230,7 +252,8 @@ class Trainer:
             seed=config.seed * 100_003 + self.step,
         ) as generator:
 
-            async def one(task_id: int) -> SupervisedEpisode | None:
+            async def one(task: tuple[str, int]) -> SupervisedEpisode | None:
+                name, task_id = task
                 try:
                     record = await run_episode(
                         env,
@@ -238,7 +261,7 @@ class Trainer:
                         self.renderer,
                         config.train_split,
                         task_id,
-                        self.agent,
+                        self.agents[name],
                         config.end_after_failures,
                     )
                 except (ServiceCallError, httpx.HTTPError) as exc:
@@ -251,33 +274,24 @@ class Trainer:
                     return self.imitation(record)
                 return await supervisor.supervise(record)
 
-            played = await play_many(one, task_ids, config.concurrency, "rollouts", False)
+            played = await play_many(one, tasks, config.concurrency, "rollouts", False)
         return [e for e in played if e is not None], lost
 
     async def collect_step(
-        self, env: EnvClient, supervisor: Supervisor, step: int, task_ids: list[int]
+        self, env: EnvClient, supervisor: Supervisor, step: int, tasks: list[tuple[str, int]]
     ) -> tuple[list[SupervisedEpisode], int]:
         """The step's episodes and how many were dropped; collected again (up to
-        COLLECT_ATTEMPTS times) while every one is dropped, then EpisodesLost. A teacher
-        that now serves another vocabulary stops the run after a checkpoint."""
+        COLLECT_ATTEMPTS times) while every one is dropped, then EpisodesLost."""
         dropped = 0
         for attempt in range(1, COLLECT_ATTEMPTS + 1):
-            try:
-                episodes, lost = await self.collect(env, supervisor, task_ids)
-            except TeacherVocabularyChanged:
-                if self.data.main:
-                    path = self.checkpoint()
-                    log.error(
-                        "teacher vocabulary changed; step %d's checkpoint: %s", self.step, path
-                    )
-                raise
+            episodes, lost = await self.collect(env, supervisor, tasks)
             dropped += len(lost)
             if episodes:
                 return episodes, dropped
             log.warning(
                 "step %d: all %d episodes dropped (attempt %d of %d)",
                 step,
-                len(task_ids),
+                len(tasks),
                 attempt,
                 COLLECT_ATTEMPTS,
             )
@@ -304,26 +318,35 @@ class Trainer:
         )
 
     async def evaluate(self, env_url: str, teacher: TeacherClient | None) -> dict[str, float]:
-        """Greedy success on each eval split, and the student's search decisions there
-        (trainer/diagnostics.py; the teacher's log-probs at them when ``teacher``)."""
+        """Greedy success on each eval split of each environment, and the student's search
+        decisions there in the first (trainer/diagnostics.py; the teacher's log-probs at
+        them when ``teacher``)."""
         config = self.config
         out: dict[str, float] = {}
         self.model.eval()
-        for split in config.eval_splits:
-            episodes = await play_split(self.model, self.tokenizer, env_url, split, config)
-            result = summarize(split, episodes)
-            for key in ("success", "avg_turns", "invalid_rate", "repeated_rate"):
-                out[f"eval_{split}_{key}"] = float(getattr(result, key))
-            if config.diagnose_decisions > 0:
-                stats = await decision_stats(
-                    episodes,
-                    self.renderer,
-                    teacher,
-                    self.agent,
-                    config.diagnose_decisions,
+        for name, agent in self.agents.items():
+            for split in config.eval_splits:
+                episodes = await play_split(
+                    self.model, self.tokenizer, env_url, split, config, agent
                 )
-                out.update(stats.as_metrics(f"diag_{split}"))
+                result = summarize(split, episodes)
+                prefix = "eval" if name == config.env else f"eval_{name}"
+                for key in ("success", "avg_turns", "invalid_rate", "repeated_rate"):
+                    out[f"{prefix}_{split}_{key}"] = float(getattr(result, key))
+                if name == config.env:
+                    out.update(await self.diagnose(split, episodes, teacher))
         return out
+
+    async def diagnose(
+        self, split: str, episodes: list[EpisodeRecord], teacher: TeacherClient | None
+    ) -> dict[str, float]:
+        """The student's search decisions in ``episodes`` (none when switched off)."""
+        if self.config.diagnose_decisions == 0:
+            return {}
+        stats = await decision_stats(
+            episodes, self.renderer, teacher, self.agent, self.config.diagnose_decisions
+        )
+        return stats.as_metrics(f"diag_{split}")
 
     async def run(
         self, on_step: Callable[[dict[str, Any]], Awaitable[None]] | None = None
@@ -333,7 +356,10 @@ class Trainer:
         logged: list[dict[str, Any]] = []
         async with AsyncExitStack() as stack:
             env, supervisor = await self.connect(stack)
-            split_size = await env.split_size(config.env, config.train_split)
+            split_sizes = {
+                name: await env.split_size(name, config.train_split)
+                for name in config.environments()
+            }
             if data.main and self.step == 0 and (config.eval_at_start or config.steps == 0):
                 first: dict[str, Any] = {"step": 0}
                 with timed("time_eval_s", first):
@@ -345,8 +371,8 @@ class Trainer:
             while self.step < config.steps:
                 step, timings = self.step + 1, {}
                 with timed("time_collect_s", timings):
-                    task_ids = data.share(self.task_ids(step, split_size))
-                    mine, dropped = await self.collect_step(env, supervisor, step, task_ids)
+                    tasks = data.share(self.task_ids(step, split_sizes))
+                    mine, dropped = await self.collect_step(env, supervisor, step, tasks)
                 with timed("time_train_s", timings):
                     batch = build_batch(self.renderer, self.imitated(mine), config)
                     losses = self.update(batch)
@@ -381,11 +407,14 @@ class Trainer:
         teacher's vocabulary checked before the first step."""
         config = self.config
         env = await stack.enter_async_context(EnvClient(config.env_url, max_connections=64))
+        groups = config.teacher_groups() if config.loss.kind != "sft" else {}
+        urls = list(dict.fromkeys(url for group in groups.values() for url in group))
         teachers = [
             await stack.enter_async_context(TeacherClient(url, client_id=config.out_dir))
-            for url in (config.teacher_urls if config.loss.kind != "sft" else [])
+            for url in urls
         ]
-        supervisor = Supervisor(teachers, config, fingerprint_of(self.tokenizer))
+        members = {p: [urls.index(url) for url in group] for p, group in groups.items()}
+        supervisor = Supervisor(teachers, config, self.tokenizer, members)
         for index in range(len(teachers)):
             await supervisor.check(index)
         return env, supervisor
@@ -417,6 +446,17 @@ class Trainer:
         self.teacher_tokens += int(labels["teacher_tokens"])
         rollouts = summarize(self.config.train_split, [e.record for e in episodes])
         models = sorted({(e.model.name, e.model.revision) for e in episodes})
+        teachers = [
+            {
+                "env": e.record.env,
+                "task_id": e.record.task_id,
+                "teacher": e.teacher,
+                "model": e.model.name,
+                "revision": e.model.revision,
+                "alignment": "tokens" if e.teacher_offsets is None else "chunks",
+            }
+            for e in episodes
+        ]
         return {
             "step": self.step,
             **losses,
@@ -431,6 +471,8 @@ class Trainer:
             "teacher_model": models[-1][0],
             "teacher_revision": models[-1][1],
             "teacher_revisions": [revision for _, revision in models],
+            "teacher_alignments": sorted({t["alignment"] for t in teachers}),
+            "episode_teachers": teachers,
             "lr": self.scheduler.get_last_lr()[0],
         }
 

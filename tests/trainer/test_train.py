@@ -19,7 +19,7 @@ from services.teacher.settings import TeacherSettings
 from trainer.checkpoints import METRICS_FILE, checkpoint_dirs
 from trainer.config import LlamaShape, LossConfig, TrainConfig
 from trainer.models import AgentSpec, build_llama, fit_tokenizer, save_model
-from trainer.supervision import TeacherVocabularyChanged
+from trainer.supervision import CrossTokenizerDivergence
 from trainer.train import Trainer, train
 
 TOKEN = "train-test-token"
@@ -186,7 +186,7 @@ def other_vocabulary_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(model, tokenizer, tmp_path_factory.mktemp("other") / "other-vocab")
 
 
-async def test_a_swap_to_another_vocabulary_stops_the_run_after_a_checkpoint(
+async def test_a_swap_to_another_vocabulary_goes_on_chunk_level_at_the_next_step(
     serve,
     tiny_model_dir: Path,
     other_vocabulary_model: Path,
@@ -215,20 +215,23 @@ async def test_a_swap_to_another_vocabulary_stops_the_run_after_a_checkpoint(
                     )
                 )
 
-    with pytest.raises(TeacherVocabularyChanged, match="vocab"):
-        await Trainer(config, progress=False).run(on_step=swap_to_other)
-    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-000001"]
-    assert [row["step"] for row in rows(tmp_path / "run")] == [0, 1]
+    logged = await Trainer(config, progress=False).run(on_step=swap_to_other)
+    steps = [row for row in logged if row["step"] > 0]
+    assert [row["teacher_model"] for row in steps] == ["tiny", "other", "other"]
+    assert [row["teacher_alignments"] for row in steps] == [["tokens"], ["chunks"], ["chunks"]]
+    assert all(row["tokens"] > 0 and row["loss"] == row["loss"] for row in steps)
+    assert [row["step"] for row in rows(tmp_path / "run")] == [0, 1, 2, 3]
 
 
-async def test_a_student_with_another_vocabulary_is_refused_before_the_first_step(
+async def test_a_full_divergence_with_another_vocabulary_is_refused_before_the_first_step(
     stack: dict[str, str], other_vocabulary_model: Path, tmp_path: Path
 ) -> None:
-    config = small_config(stack, other_vocabulary_model, tmp_path / "run")
-    with pytest.raises(TeacherVocabularyChanged) as caught:
+    loss = LossConfig(kind="opd", divergence="forward_kl")
+    config = small_config(stack, other_vocabulary_model, tmp_path / "run", loss=loss)
+    with pytest.raises(CrossTokenizerDivergence) as caught:
         await Trainer(config, progress=False).run()
     message = str(caught.value)
-    assert "student vocab" in message and "teacher vocab" in message
+    assert "divergence sampled" in message and "vocab" in message
     assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 

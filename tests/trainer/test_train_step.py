@@ -212,7 +212,7 @@ def test_the_step_applies_multi_turn_loss(
         logprobs_N,
         targets.old_logprobs_N,
         targets.teacher_logprobs_N,
-        batch.teacher_top1_N,
+        batch.confidence_T[batch.turn_N],  # c_t on each of its tokens
         batch.turn_N,
         batch.labels,
         switches_of(loss),

@@ -54,6 +54,8 @@ def _episode_texts(task: str, turns: Sequence[EpisodeTurn]) -> Iterator[str]:
         yield turn.observation
         yield turn.feedback
         yield from turn.admissible_actions
+        if turn.response_text is not None:
+            yield turn.response_text
 
 
 def _shown_response_ids(
@@ -125,12 +127,12 @@ async def judge(
 ) -> JudgeResponse:
     for e in body.episodes:
         check_text(_episode_texts(e.task, e.turns))
-    shown = sum(
-        _shown_response_ids(e.turns, body.history, [len(e.turns) - 1]) for e in body.episodes
-    )
+    episodes = [(e.task, model.renderer.own_ids(e.turns)[0]) for e in body.episodes]
+    shown = sum(_shown_response_ids(turns, body.history, [len(turns) - 1]) for _, turns in episodes)
     check_size(shown, service.settings.max_request_tokens, at_least=True)
     items = [
-        JudgeItem(model.renderer.judge_prompt(e.task, e.turns, body.history)) for e in body.episodes
+        JudgeItem(model.renderer.judge_prompt(task, turns, body.history))
+        for task, turns in episodes
     ]
     results = await service.run(
         model,
@@ -159,18 +161,20 @@ async def score_episode(
     branches inside it); with a window of k turns, one sequence per turn.
     """
     check_text(_episode_texts(body.task, body.turns))
+    renderer = model.renderer
+    # Text responses in this model's own tokens (offsets: where each ends in its text).
+    own, offsets = renderer.own_ids(body.turns)
     # One context (whole history) or one per turn (a window): refused before rendering
     # when their response ids alone are over the limit.
-    ends = [len(body.turns) - 1] if body.history is None else range(len(body.turns))
-    shown = _shown_response_ids(body.turns, body.history, ends)
+    ends = [len(own) - 1] if body.history is None else range(len(own))
+    shown = _shown_response_ids(own, body.history, ends)
     check_size(shown, service.settings.max_request_tokens, at_least=True)
-    renderer = model.renderer
-    contexts = renderer.contexts(body.task, body.turns, body.history)
+    contexts = renderer.contexts(body.task, own, body.history)
     items = [
         EpisodeItem(
             c.input_ids,
             c.spans,
-            [renderer.judge_suffix(body.turns[: t + 1]) for t in c.turns] if body.judge else None,
+            [renderer.judge_suffix(own[: t + 1]) for t in c.turns] if body.judge else None,
         )
         for c in contexts
     ]
@@ -188,6 +192,8 @@ async def score_episode(
     for context, result in zip(contexts, results, strict=True):
         probs = result.label_probs or [None] * len(context.turns)
         for t, scores, p in zip(context.turns, result.spans, probs, strict=True):
+            if offsets[t] is not None:
+                scores = scores.model_copy(update={"offsets": offsets[t]})
             turns[t] = TurnScores(scores=scores, verdict=_verdict(p) if p is not None else None)
     return EpisodeResponse(
         model=model.ref, turns=turns, tokens_forwarded=sum(item.num_tokens for item in items)
