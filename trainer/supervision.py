@@ -228,6 +228,7 @@ class Supervisor:
                 continue
             key = (index, answer.model.name, answer.model.revision)
             answered = self.alignments.get(key) or await self.check(index, answer.model)
+            self.current[index] = answered  # what this teacher's next episode is sent as
             if answered == alignment:
                 break
             alignment = answered  # a model not seen before answered, of another family

@@ -28,6 +28,18 @@ async def test_openai_compatible_client_scores_equal_the_native_fused_call(
     ):
         fused = await native.score_episode(task, turns, judge=True, top_k=2)
         plain = await compatible.score_episode(task, turns, judge=True, top_k=2)
+        # Responses as text: each client has the teacher's tokenizer cut them.
+        texts = [
+            turn.model_copy(
+                update={
+                    "response_ids": None,
+                    "response_text": tokenizer.decode(turn.response_ids, skip_special_tokens=True),
+                }
+            )
+            for turn in turns
+        ]
+        fused_text = await native.score_episode(task, texts, judge=False)
+        plain_text = await compatible.score_episode(task, texts, judge=False)
         student_print = fingerprint_of(tokenizer)
         check_same_vocabulary(student_print, await native.fingerprint())
     for a, b in zip(fused.turns, plain.turns, strict=True):
@@ -38,6 +50,9 @@ async def test_openai_compatible_client_scores_equal_the_native_fused_call(
             assert a.verdict.probs[label] == pytest.approx(b.verdict.probs[label], abs=1e-5)
         assert a.verdict.label == b.verdict.label
     assert plain.model.name == "tiny"
+    for a, b, ids in zip(fused.turns, plain_text.turns, fused_text.turns, strict=True):
+        assert max_diff(a.scores.logprobs, b.scores.logprobs) <= 1e-5
+        assert b.scores.offsets == ids.scores.offsets and b.scores.offsets is not None
 
 
 def test_a_vocabulary_mismatch_names_both_fingerprints(tiny_model_dir: Path) -> None:

@@ -106,6 +106,28 @@ def kl_of(trainer: Trainer, episodes: list[SupervisedEpisode]) -> float:
     return float((targets.old_logprobs_N - targets.teacher_logprobs_N).mean())
 
 
+@pytest.mark.parametrize(
+    ("student_ends", "teacher_ends", "expected"),
+    [
+        # "Thought" | ":" against "Th" "ought" | ":", then both end-of-turn tokens
+        ([7, 8, 8], [2, 7, 8, 8], [(0, 1, 0, 2), (1, 2, 2, 3), (2, 3, 3, 4)]),
+        # a student token ending inside a character (None) joins the next one
+        ([None, 3, 5], [3, 5], [(0, 2, 0, 1), (2, 3, 1, 2)]),
+        # the teacher's text stops short: what is left joins the last chunk
+        ([2, 4, 6], [2, 4], [(0, 1, 0, 1), (1, 3, 1, 2)]),
+        # no common boundary but the end
+        ([3, 6], [2, 4, 6], [(0, 2, 0, 3)]),
+    ],
+)
+def test_chunks_are_the_smallest_runs_whose_boundaries_agree(
+    student_ends: list, teacher_ends: list, expected: list
+) -> None:
+    mapped = chunks(student_ends, teacher_ends)
+    assert [
+        (c.student_start, c.student_end, c.teacher_start, c.teacher_end) for c in mapped
+    ] == expected
+
+
 async def test_chunks_cover_every_student_token_once(
     services: dict[str, str], smollm2_dir: Path, tmp_path: Path
 ) -> None:
