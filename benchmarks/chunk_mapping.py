@@ -16,72 +16,42 @@ the step time (target < 1.05).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _models import random_episode
+from train_step_overhead import episodes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.prompts import ChatRenderer
-from client.protocol import ModelRef
 from trainer.config import LossConfig, TrainConfig
 from trainer.models import smollm2_gguf
-from trainer.rollout import EpisodeRecord, TurnRecord
 from trainer.sft import make_optimizer
 from trainer.supervision import SupervisedEpisode, Supervisor
-from trainer.update import build_batch, train_on_batch
+from trainer.update import Batch, build_batch, train_on_batch
 
 STUDENT = Path(__file__).resolve().parents[1] / "models" / "tiny" / "student-init"
 
 
-def episodes(
-    tokenizer, teacher: ChatRenderer | None, count: int, turns: int
-) -> list[SupervisedEpisode]:
-    """Episodes as the trainer receives them, with made-up sampling and teacher numbers;
-    ``teacher``: scored chunk-level, in that tokenizer's tokens of each response."""
-    rng = random.Random(0)  # the episodes: the same at both levels
-    numbers = random.Random(1)  # the teacher's numbers, one per teacher token
+def across(tokenizer, teacher: ChatRenderer, supervised: list[SupervisedEpisode]) -> list:
+    """The same episodes scored chunk-level: ``teacher``'s tokens of each response text,
+    their offsets, and made-up teacher numbers for them (labels and sampling unchanged)."""
+    numbers = random.Random(1)
     out = []
-    for e in range(count):
-        task, wire = random_episode(tokenizer, turns, seed=e)
-        record = EpisodeRecord("train", e, task, "pick_and_place")
-        scored, offsets = [], []
-        for turn in wire:
-            ids = turn.response_ids
-            record.turns.append(
-                TurnRecord(
-                    observation=turn.observation,
-                    admissible_actions=turn.admissible_actions,
-                    prompt_ids=[],
-                    response_ids=ids,
-                    sampling_logprobs=[-rng.random() for _ in ids],
-                    action="look",
-                    feedback=turn.feedback,
-                    admissible=True,
-                )
-            )
-            if teacher is None:
-                scored.append(len(ids))
-            else:
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                own, ends = teacher.text_response(text, ends_turn=True)
-                scored.append(len(own))
-                offsets.append(ends)
+    for episode in supervised:
+        texts = [
+            tokenizer.decode(t.response_ids, skip_special_tokens=True) for t in episode.record.turns
+        ]
+        own = [teacher.text_response(text, ends_turn=True) for text in texts]
         out.append(
-            SupervisedEpisode(
-                record=record,
-                labels=[rng.choice(["Skip", "Weak", "Strong"]) for _ in wire],
-                forced=[False] * turns,
-                teacher_logprobs=[[-numbers.random() for _ in range(n)] for n in scored],
-                teacher_top1=[[numbers.random() for _ in range(n)] for n in scored],
-                topk_ids=None,
-                topk_logprobs=None,
-                model=ModelRef(name="teacher", revision="bench"),
-                tokens_forwarded=0,
-                teacher_offsets=offsets if teacher is not None else None,
+            dataclasses.replace(
+                episode,
+                teacher_logprobs=[[-numbers.random() for _ in ids] for ids, _ in own],
+                teacher_top1=[[numbers.random() for _ in ids] for ids, _ in own],
+                teacher_offsets=[ends for _, ends in own],
             )
         )
     return out
@@ -107,25 +77,24 @@ def main() -> None:
     supervisor = Supervisor([], config, tokenizer)
     optimizer = make_optimizer(model, 1e-5, 0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    batches = {
-        "tokens": episodes(tokenizer, None, args.episodes, args.turns),
-        "chunks": episodes(tokenizer, teacher, args.episodes, args.turns),
-    }
+    supervised = episodes(tokenizer, args.episodes, args.turns)
+    batches = {"tokens": supervised, "chunks": across(tokenizer, teacher, supervised)}
 
-    def step(alignment: str) -> float:
-        start = time.perf_counter()
-        supervised = batches[alignment]
-        for episode in supervised:
+    def mapped(alignment: str) -> Batch:
+        """The trainer's side before the update: the wire turns, then build_batch."""
+        for episode in batches[alignment]:
             supervisor.wire_turns(episode.record, alignment)  # type: ignore[arg-type]
-        batch = build_batch(renderer, supervised, config)
-        train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
-        return time.perf_counter() - start
+        return build_batch(renderer, batches[alignment], config)
 
     def mapping(alignment: str) -> float:
         start = time.perf_counter()
-        for episode in batches[alignment]:
-            supervisor.wire_turns(episode.record, alignment)  # type: ignore[arg-type]
-        build_batch(renderer, batches[alignment], config)
+        mapped(alignment)
+        return time.perf_counter() - start
+
+    def step(alignment: str) -> float:
+        start = time.perf_counter()
+        batch = mapped(alignment)
+        train_on_batch(model, optimizer, scheduler, batch, config, tokenizer.pad_token_id)
         return time.perf_counter() - start
 
     step("tokens"), step("chunks")  # warm-up

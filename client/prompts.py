@@ -68,10 +68,13 @@ def parse_action(response: str) -> str | None:
     return action or None
 
 
-def action_start(tokenizer: Any, response_ids: Sequence[int]) -> int:
+def action_start(
+    tokenizer: Any, response_ids: Sequence[int], ends: Sequence[int | None] | None = None
+) -> int:
     """The index of the first token of a response's last 'Action:' line: the tokens from
     there on name the action, those before it think. 0 when no line names an action
-    (the whole response is then what the agent said instead of an action)."""
+    (the whole response is then what the agent said instead of an action). ``ends``:
+    the ids' token_ends, when the caller has them already."""
     text = tokenizer.decode(list(response_ids), skip_special_tokens=True)
     offset = None
     position = 0
@@ -82,10 +85,9 @@ def action_start(tokenizer: Any, response_ids: Sequence[int]) -> int:
         position += len(line)
     if offset is None:
         return 0
-    for i in range(len(response_ids)):  # the token that holds the line's first character
-        if len(tokenizer.decode(list(response_ids[: i + 1]), skip_special_tokens=True)) > offset:
-            return i
-    return 0
+    ends = token_ends(tokenizer, response_ids) if ends is None else ends
+    # The token that holds the line's first character.
+    return next((i for i, end in enumerate(ends) if end is not None and end > offset), 0)
 
 
 def token_ends(tokenizer: Any, ids: Sequence[int]) -> list[int | None]:
@@ -163,16 +165,10 @@ class ChatRenderer:
         last when ``ends_turn``), and where each id ends in ``text``, in characters."""
         ids: list[int] = []
         ends: list[int] = []
-        if text:
-            try:  # a fast tokenizer tells where its tokens are in the text
-                encoded = self.tokenizer(
-                    text, add_special_tokens=False, return_offsets_mapping=True
-                )
-                ids = list(encoded["input_ids"])
-                ends = [end for _, end in encoded["offset_mapping"]]
-            except NotImplementedError:  # a slow one: by decoding its prefixes
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                ends = [len(text) if e is None else e for e in token_ends(self.tokenizer, ids)]
+        if text:  # a fast tokenizer's offset mapping: where its tokens are in the text
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(encoded["input_ids"])
+            ends = [end for _, end in encoded["offset_mapping"]]
         if ends_turn:
             ids.append(self.eos_id)
             ends.append(len(text))

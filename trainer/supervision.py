@@ -88,8 +88,7 @@ class TeacherGroup:
     """The teachers of the episodes whose environment (or env/task type) ``pattern`` matches."""
 
     pattern: str
-    members: list[int]  # indices into Supervisor.teachers
-    turn: Iterator[int]  # round robin over members
+    turn: Iterator[int]  # round robin over its indices into Supervisor.teachers
 
     def matches(self, record: EpisodeRecord) -> bool:
         return fnmatch.fnmatchcase(record.env, self.pattern) or fnmatch.fnmatchcase(
@@ -110,7 +109,7 @@ class Supervisor:
         """``groups``: pattern -> indices of ``teachers`` (None: one group of them all)."""
         self.teachers = teachers
         self.groups = [
-            TeacherGroup(pattern, members, itertools.cycle(members))
+            TeacherGroup(pattern, itertools.cycle(members))
             for pattern, members in (groups or {"*": list(range(len(teachers)))}).items()
         ]
         self.config = config
@@ -144,10 +143,12 @@ class Supervisor:
 
     async def check(self, index: int, ref: ModelRef | None = None) -> Alignment:
         """How teacher ``index``'s model ``ref`` (None: its active one) supervises,
-        decided once per model revision from the two vocabularies and logged."""
-        models = await self.teachers[index].models()
-        info = _find(models, ref)
-        key = (index, info.name, info.revision)
+        decided once per model revision from the two vocabularies and logged; it is
+        what the teacher's next episode is sent as."""
+        key = (index, ref.name, ref.revision) if ref is not None else None
+        if key not in self.alignments:  # a model not seen yet, or which one is active?
+            info = _find(await self.teachers[index].models(), ref)
+            key = (index, info.name, info.revision)
         if key in self.alignments:
             self.current[index] = self.alignments[key]
             return self.alignments[key]
@@ -192,14 +193,16 @@ class Supervisor:
         its responses as token ids (token-level) or as their text (chunk-level)."""
         turns = record.episode_turns()
         if alignment == "chunks":
-            turns = [turn.model_copy(update=self.text_of(turn.response_ids)) for turn in turns]
+            turns = [
+                turn.model_copy(update=self.text_of(lived.response_ids))
+                for turn, lived in zip(turns, record.turns, strict=True)
+            ]
         if not self.config.show_admissible:
             turns = [turn.model_copy(update={"admissible_actions": []}) for turn in turns]
         return turns
 
-    def text_of(self, response_ids: list[int] | None) -> dict[str, Any]:
+    def text_of(self, response_ids: list[int]) -> dict[str, Any]:
         """A response's fields as text: what it says, and whether it ended its turn."""
-        assert response_ids is not None
         text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
         closed = response_ids[-1] == self.tokenizer.eos_token_id or not text
         return {"response_ids": None, "response_text": text, "ends_turn": closed}
@@ -226,9 +229,7 @@ class Supervisor:
                     raise
                 alignment = now
                 continue
-            key = (index, answer.model.name, answer.model.revision)
-            answered = self.alignments.get(key) or await self.check(index, answer.model)
-            self.current[index] = answered  # what this teacher's next episode is sent as
+            answered = await self.check(index, answer.model)
             if answered == alignment:
                 break
             alignment = answered  # a model not seen before answered, of another family

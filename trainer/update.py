@@ -45,12 +45,14 @@ def turn_chunks(
     token: with ``tokens`` "action", the chunks from the one holding the action line's
     first token on; token-level supervision has one chunk per token."""
     response = episode.record.turns[t].response_ids
+    ends = None
     if episode.teacher_offsets is None:
         mapped = identity(len(response))
     else:
-        mapped = chunks(token_ends(renderer.tokenizer, response), episode.teacher_offsets[t])
+        ends = token_ends(renderer.tokenizer, response)
+        mapped = chunks(ends, episode.teacher_offsets[t])
     if tokens == "action":
-        k = action_start(renderer.tokenizer, response)
+        k = action_start(renderer.tokenizer, response, ends)
         mapped = [c for c in mapped if c.student_end > k]
     return (mapped[0].student_start if mapped else len(response)), mapped
 
